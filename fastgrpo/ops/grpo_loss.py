@@ -1,0 +1,710 @@
+"""The GRPO-family policy loss computed from hidden states, with its gradient fused into the log-prob pass.
+
+Per token ``t`` of sequence ``i`` (TRL's definitions; ALGORITHMS.md section 0)::
+
+    log_w  = logp - old_logp                                   (importance_level="token")
+           = sum_{t in i} (logp - old_logp) / |o_i|            (importance_level="sequence", GSPO)
+    r      = exp(log_w)                  (old_logp=None: r == 1 with gradient d logp)
+    l      = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (r first clamped to <= delta when given)
+             dual_clip c (verl clip_ratio_c), A < 0:  l = min(l, -c A)
+    cispo: l = -sg[min(r, eps_high)] A logp
+    sapo:  l = -sigmoid(tau (r - 1)) 4 / tau A,   tau = tau_pos if A > 0 else tau_neg
+    COPO blend w:  l = (1 - w) l(A_global) + w l(A_local)      (one shared ratio)
+    KL (k3, beta > 0):  l += beta (exp(ref - logp) - (ref - logp) - 1)
+
+Aggregation (``loss_type``), over the valid (mask) tokens of ``B`` sequences::
+
+    grpo, sapo : (1/B) sum_i (1/|o_i|) sum_t l          (a fully masked sequence still counts in B)
+    bnpo       : sum l / (valid tokens of this batch)
+    dr_grpo    : sum l / (B * max_completion_length)
+    dapo, cispo: sum l / num_items_in_batch            (default: valid tokens of this batch)
+    entropy_coef: loss -= entropy_coef * mean_t entropy   (TRL's entropy bonus, independent of loss_type)
+
+How it runs. The loss is a function of per-token ``logp`` and ``entropy`` only, so ``dL/dz`` of the logits is
+``c_logp (onehot - p) - c_ent p (z - E_p z)`` with two per-token coefficients. For token-level ratios each token's
+term is local: the chunked engine computes, chunk by chunk, the logits block, its log-probs, the token terms'
+coefficients (a tiny autograd call on ``[chunk]`` vectors) and the gradient GEMMs, in one pass: 6·N·D·V FLOPs and
+one logits block of memory. The gradients are stored and scaled by the incoming gradient in ``backward``.
+Sequence-level ratios need every token of a sequence first, so they (and the fully fused Triton backend) use
+``linear_logprobs`` (forward) and an autograd backward over the same token terms (8·N·D·V FLOPs).
+
+Metrics (detached): ``logp`` and ``entropy`` per token in the input layout (0 on masked tokens), ``kl`` (token
+mean of the k3 estimate, when ``ref_logp`` is given), ``clip_frac_low`` / ``clip_frac_high`` (token fraction with
+``r < 1 - eps_low and A < 0`` / ``r > 1 + eps_high and A > 0``; ``cispo``: ``r > eps_high and A > 0`` in
+``clip_frac_high``; with a blend, the local advantage decides), ``ratio_mean`` (token mean of ``r``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ._dispatch import resolve_backend
+from ._engine import chunked_pass, default_chunk_size
+from ._validate import check_finite, check_float, check_targets, shape
+from .epilogue import get_epilogue
+from .linear_logprobs import prepare_linear_inputs, run_linear_logprobs
+
+__all__ = [
+    "LOSS_TYPES",
+    "GRPOLossOutput",
+    "LossConfig",
+    "grpo_loss",
+    "grpo_loss_from_logits",
+    "grpo_loss_ref",
+]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+@dataclass
+class GRPOLossOutput:
+    """``loss`` is a differentiable scalar; everything else is detached."""
+
+    loss: Tensor
+    logp: Tensor  # [B, T] or [N] fp32, 0 on masked tokens
+    entropy: Tensor  # same layout as logp
+    kl: Tensor  # scalar; 0 when ref_logp is None
+    clip_frac_low: Tensor  # scalar
+    clip_frac_high: Tensor  # scalar
+    ratio_mean: Tensor  # scalar
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss_type: str = "dapo"
+    importance_level: str = "token"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    delta: float | None = None
+    dual_clip: float | None = None
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+
+    @property
+    def eps_hi(self) -> float:
+        return self.eps_low if self.eps_high is None else self.eps_high
+
+    def validate(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_level not in IMPORTANCE_LEVELS:
+            raise ValueError(
+                f"importance_level must be one of {IMPORTANCE_LEVELS}, got {self.importance_level!r}"
+            )
+        for name in ("eps_low", "eps_high", "delta", "dual_clip", "beta", "entropy_coef"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+        if self.eps_low < 0 or self.eps_hi < 0:
+            raise ValueError(f"eps_low ({self.eps_low}) and eps_high ({self.eps_high}) must be >= 0")
+        if self.delta is not None and self.delta <= 1:
+            raise ValueError(f"delta must be > 1 (an upper clamp on the ratio), got {self.delta}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (verl clip_ratio_c, e.g. 3.0), got {self.dual_clip}")
+
+
+@dataclass
+class TokenBatch:
+    """Per-valid-token inputs of the loss, packed ``[n]`` (``n`` valid tokens of ``B`` sequences)."""
+
+    seq_id: Tensor  # [n] int64 in [0, B)
+    seq_len: Tensor  # [B] fp32, valid tokens per sequence
+    num_seqs: int
+    adv: Tensor  # [n] fp32 (A_global when blending)
+    adv_local: Tensor | None  # [n] fp32, COPO local advantage
+    blend: Tensor | None  # [n] fp32, weight of the local loss
+    old_logp: Tensor | None  # [n] fp32
+    ref_logp: Tensor | None  # [n] fp32
+    weight: Tensor  # [n] fp32, aggregation weight of each token's policy term
+    ent_weight: float  # entropy_coef / n
+
+    def slice(self, s: int, e: int) -> TokenBatch:
+        cut = lambda t: None if t is None else t[s:e]
+        return replace(
+            self,
+            seq_id=self.seq_id[s:e],
+            adv=self.adv[s:e],
+            adv_local=cut(self.adv_local),
+            blend=cut(self.blend),
+            old_logp=cut(self.old_logp),
+            ref_logp=cut(self.ref_logp),
+            weight=self.weight[s:e],
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The token terms: the one definition of the loss, shared by every backend and by the reference.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _log_importance(logp: Tensor, tb: TokenBatch, cfg: LossConfig) -> Tensor:
+    old = logp.detach() if tb.old_logp is None else tb.old_logp
+    log_ratio = logp - old
+    if cfg.importance_level == "token":
+        return log_ratio
+    per_seq = torch.zeros(tb.num_seqs, dtype=log_ratio.dtype, device=log_ratio.device)
+    per_seq = per_seq.index_add(0, tb.seq_id, log_ratio) / tb.seq_len.clamp(min=1.0).to(log_ratio.dtype)
+    return per_seq[tb.seq_id]
+
+
+def _surrogate(logp: Tensor, ratio: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_hi
+    if cfg.loss_type == "cispo":
+        return -torch.clamp(ratio, max=cfg.eps_hi).detach() * adv * logp
+    if cfg.loss_type == "sapo":
+        tau = torch.where(adv > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg).to(ratio.dtype)
+        return -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+    clipped = torch.clamp(ratio, lo, hi)
+    r1 = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)
+    loss = -torch.min(r1 * adv, clipped * adv)
+    if cfg.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -cfg.dual_clip * adv), loss)
+    return loss
+
+
+def token_terms(logp: Tensor, tb: TokenBatch, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-token loss ``l [n]`` (policy surrogate + beta * k3 KL), the ratio ``r [n]`` and the KL ``[n]``."""
+    ratio = torch.exp(_log_importance(logp, tb, cfg))
+    if tb.blend is None:
+        loss = _surrogate(logp, ratio, tb.adv, cfg)
+    else:
+        loss = (1.0 - tb.blend) * _surrogate(logp, ratio, tb.adv, cfg) + tb.blend * _surrogate(
+            logp, ratio, tb.adv_local, cfg
+        )
+    kl = None
+    if tb.ref_logp is not None:
+        d = tb.ref_logp - logp
+        kl = torch.exp(d) - d - 1.0
+        if cfg.beta != 0.0:
+            loss = loss + cfg.beta * kl
+    return loss, ratio, kl
+
+
+def aggregate(logp: Tensor, entropy: Tensor, tb: TokenBatch, cfg: LossConfig) -> Tensor:
+    """The scalar loss of (a chunk of) tokens: ``sum_t weight_t l_t - entropy_coef * sum_t H_t / n``."""
+    loss_t, _, _ = token_terms(logp, tb, cfg)
+    total = (tb.weight * loss_t).sum()
+    if cfg.entropy_coef != 0.0:
+        total = total - tb.ent_weight * entropy.sum()
+    return total
+
+
+def _metrics(logp: Tensor, tb: TokenBatch, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with torch.no_grad():
+        _, ratio, kl = token_terms(logp, tb, cfg)
+        adv = tb.adv if tb.adv_local is None else tb.adv_local
+        if cfg.loss_type == "cispo":
+            low = torch.zeros_like(ratio, dtype=torch.bool)
+            high = (ratio > cfg.eps_hi) & (adv > 0)
+        else:
+            low = (ratio < 1.0 - cfg.eps_low) & (adv < 0)
+            high = (ratio > 1.0 + cfg.eps_hi) & (adv > 0)
+        kl_mean = kl.mean() if kl is not None else torch.zeros((), device=logp.device)
+        return kl_mean, low.float().mean(), high.float().mean(), ratio.mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layout handling and validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    valid_idx: Tensor | None  # [n] flat indices of valid tokens (None: all tokens valid)
+    lead_shape: tuple[int, ...]
+    seq_id_full: Tensor  # [numel(lead)] int64 sequence of every position
+    num_seqs: int
+    max_len: int | None  # T for the padded layout
+
+
+def _per_token(name: str, x, lay: _Layout, per_seq_ok: bool, dev, dtype=torch.float32) -> Tensor | None:
+    """Expand a per-sequence ``[B]`` or per-token (lead shape) tensor to the valid tokens ``[n]`` (``dtype``)."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(x, device=dev, dtype=torch.float64)
+    if x.device != dev:
+        raise ValueError(f"{name} is on {x.device}, expected {dev}")
+    if per_seq_ok and x.dim() == 1 and x.shape[0] == lay.num_seqs and tuple(x.shape) != lay.lead_shape:
+        full = x[lay.seq_id_full]
+    elif tuple(x.shape) == lay.lead_shape:
+        full = x.reshape(-1)
+    elif per_seq_ok and x.dim() == 1 and x.shape[0] == lay.num_seqs:
+        full = x[lay.seq_id_full]
+    else:
+        want = f"[B={lay.num_seqs}] or {list(lay.lead_shape)}" if per_seq_ok else f"{list(lay.lead_shape)}"
+        raise ValueError(f"{name} must be {want}, got {shape(x)}")
+    out = full if lay.valid_idx is None else full[lay.valid_idx]
+    out = out.to(dtype)
+    check_finite(name + " (on valid tokens)", out)
+    return out
+
+
+def _layout(lead: tuple[int, ...], mask, cu_seqlens, dev) -> tuple[_Layout, Tensor]:
+    if len(lead) == 2:  # padded [B, T]
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens is for the packed layout; hidden is padded {list(lead)} + D")
+        b, t = lead
+        seq_id_full = torch.arange(b, device=dev).repeat_interleave(t)
+        max_len = t
+    else:  # packed [N]
+        if cu_seqlens is None:
+            raise ValueError(f"the packed layout (hidden [N={lead[0]}, D]) needs cu_seqlens [B+1]")
+        cu = cu_seqlens
+        if cu.dim() != 1 or cu.numel() < 2 or cu.is_floating_point():
+            raise ValueError(
+                f"cu_seqlens must be an integer tensor [B+1] with B >= 1, got {shape(cu)} {cu.dtype}"
+            )
+        cu = cu.to(dev).long()
+        if int(cu[0]) != 0 or int(cu[-1]) != lead[0] or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens {shape(cu_seqlens)} must start at 0, be non-decreasing and end at N={lead[0]}; "
+                f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}"
+            )
+        b = cu.numel() - 1
+        seq_id_full = torch.repeat_interleave(torch.arange(b, device=dev), cu[1:] - cu[:-1])
+        max_len = None
+    if mask is None:
+        valid = None
+        seq_len = torch.bincount(seq_id_full, minlength=b).float()
+    else:
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask must have the leading shape {list(lead)} of hidden, got {shape(mask)}")
+        m = mask.reshape(-1).to(dev)
+        m = m.bool() if m.dtype == torch.bool else m != 0
+        valid = m.nonzero().squeeze(1)
+        if valid.numel() == 0:
+            raise ValueError(f"mask {shape(mask)} has no valid token")
+        seq_len = torch.bincount(seq_id_full[valid], minlength=b).float()
+        if valid.numel() == m.numel():
+            valid = None
+    return _Layout(valid, lead, seq_id_full, b, max_len), seq_len
+
+
+def _token_batch(
+    lay: _Layout,
+    seq_len: Tensor,
+    advantages,
+    blend,
+    old_logp,
+    ref_logp,
+    cfg: LossConfig,
+    max_completion_length,
+    num_items_in_batch,
+    dev,
+    dtype=torch.float32,
+) -> TokenBatch:
+    seq_id = lay.seq_id_full if lay.valid_idx is None else lay.seq_id_full[lay.valid_idx]
+    n = seq_id.numel()
+    if blend is not None:
+        if not (isinstance(advantages, (tuple, list)) and len(advantages) == 2):
+            raise ValueError("with blend (COPO), advantages must be a pair (A_global, A_local)")
+        adv = _per_token("advantages[0] (A_global)", advantages[0], lay, True, dev, dtype)
+        adv_local = _per_token("advantages[1] (A_local)", advantages[1], lay, True, dev, dtype)
+        w = _per_token("blend", blend, lay, True, dev, dtype)
+    else:
+        if isinstance(advantages, (tuple, list)):
+            raise ValueError(
+                "advantages is a pair (A_global, A_local) but blend is None; pass blend=w (COPO)"
+            )
+        adv, adv_local, w = _per_token("advantages", advantages, lay, True, dev, dtype), None, None
+    old = _per_token("old_logp", old_logp, lay, False, dev, dtype)
+    ref = _per_token("ref_logp", ref_logp, lay, False, dev, dtype)
+    if cfg.beta != 0.0 and ref is None:
+        raise ValueError(
+            f"beta={cfg.beta} needs ref_logp (per-token reference log-probs {list(lay.lead_shape)})"
+        )
+
+    b = lay.num_seqs
+    lt = cfg.loss_type
+    if lt in ("grpo", "sapo"):
+        weight = 1.0 / (seq_len.double().clamp(min=1.0)[seq_id] * b)
+    elif lt == "bnpo":
+        weight = torch.full((n,), 1.0 / max(n, 1), device=dev, dtype=torch.float64)
+    elif lt == "dr_grpo":
+        length = max_completion_length if max_completion_length is not None else lay.max_len
+        if length is None:
+            raise ValueError("loss_type='dr_grpo' with the packed layout needs max_completion_length")
+        if length <= 0:
+            raise ValueError(f"max_completion_length must be > 0, got {length}")
+        weight = torch.full((n,), 1.0 / (b * length), device=dev, dtype=torch.float64)
+    else:  # dapo, cispo
+        items = n if num_items_in_batch is None else float(num_items_in_batch)
+        if not items > 0:
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+        weight = torch.full((n,), 1.0 / items, device=dev, dtype=torch.float64)
+    return TokenBatch(
+        seq_id=seq_id,
+        seq_len=seq_len,
+        num_seqs=b,
+        adv=adv,
+        adv_local=adv_local,
+        blend=w,
+        old_logp=old,
+        ref_logp=ref,
+        weight=weight.to(dtype),
+        ent_weight=cfg.entropy_coef / max(n, 1),
+    )
+
+
+def _scatter_back(x: Tensor, lay: _Layout) -> Tensor:
+    if lay.valid_idx is None:
+        return x.detach().reshape(lay.lead_shape)
+    full = torch.zeros(math.prod(lay.lead_shape), dtype=x.dtype, device=x.device)
+    full[lay.valid_idx] = x.detach()
+    return full.view(lay.lead_shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Execution: one-pass fused Function (token-level ratios, chunked backends) and the two-pass path
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FusedLinearGRPOLossFunction(torch.autograd.Function):
+    """One pass over the vocabulary: forward computes the loss and all gradients; backward scales them."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, targets, tb: TokenBatch, cfg: LossConfig, inv_temp, chunk, backend, needs
+    ):
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        use_ent = cfg.entropy_coef != 0.0
+
+        def coef_fn(s: int, e: int, logp_c: Tensor, ent_c: Tensor):
+            nonlocal total
+            with torch.enable_grad():
+                lp = logp_c.detach().requires_grad_(True)
+                en = ent_c.detach().requires_grad_(use_ent)
+                part = aggregate(lp, en, tb.slice(s, e), cfg)
+                grads = torch.autograd.grad(part, [lp, en] if use_ent else [lp])
+            total += part.detach().double()
+            return grads[0], (grads[1] if use_ent else None)
+
+        res = chunked_pass(
+            hidden,
+            weight,
+            bias,
+            targets,
+            inv_temp,
+            chunk,
+            get_epilogue(backend),
+            coef_fn=coef_fn,
+            needs_grad=needs,
+        )
+        if not any(needs):  # no gradient wanted: the value still has to be computed
+            total = aggregate(res.logp, res.entropy, tb, cfg).double()
+        ctx.save_for_backward(res.d_hidden, res.d_weight, res.d_bias)
+        ctx.mark_non_differentiable(res.logp, res.entropy)
+        return total.float(), res.logp, res.entropy
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp, _g_ent):
+        d_h, d_w, d_b = ctx.saved_tensors
+        scale = lambda t: None if t is None else t * g_loss.to(t.dtype)
+        return scale(d_h), scale(d_w), scale(d_b), None, None, None, None, None, None, None
+
+
+def _validate_common(loss_type, importance_level, eps_low, eps_high, delta, dual_clip, beta, entropy_coef):
+    cfg = LossConfig(
+        loss_type=loss_type,
+        importance_level=importance_level,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        dual_clip=dual_clip,
+        beta=beta,
+        entropy_coef=entropy_coef,
+    )
+    cfg.validate()
+    return cfg
+
+
+def grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages: Tensor | tuple[Tensor, Tensor],
+    *,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    loss_type: str = "dapo",
+    importance_level: str = "token",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    entropy_coef: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    blend: Tensor | None = None,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """GRPO-family policy loss from last hidden states and the LM head, without materialising logits.
+
+    Layouts (identical results):
+        padded: ``hidden [B, T, D]``, ``targets [B, T]``, optional ``mask [B, T]`` (1 on completion tokens);
+        packed: ``hidden [N, D]``, ``targets [N]``, ``cu_seqlens [B+1]`` (int), optional ``mask [N]``.
+    ``targets`` are already shifted (``targets[t]`` is scored from ``hidden[t]``); masked positions may hold
+    any id (e.g. -100). ``advantages``: per sequence ``[B]`` or per token (the leading shape); with ``blend``
+    (COPO) a pair ``(A_global, A_local)`` and ``blend`` the per-sequence (or per-token) weight of the local loss.
+    ``old_logp`` / ``ref_logp``: per-token log-probs of the behaviour / reference policy (``old_logp=None``:
+    on-policy, ratio 1 with the gradient of logp). ``num_items_in_batch``: the ``dapo``/``cispo`` normaliser
+    (the global token count under gradient accumulation / data parallelism). See the module docstring for the
+    math of every option. Returns a :class:`GRPOLossOutput`.
+    """
+    cfg = _validate_common(
+        loss_type, importance_level, eps_low, eps_high, delta, dual_clip, beta, entropy_coef
+    )
+    prepare_linear_inputs(hidden, weight, targets, bias, temperature)
+    dev = hidden.device
+    lead = tuple(targets.shape)
+    lay, seq_len = _layout(lead, mask, cu_seqlens, dev)
+    tb = _token_batch(
+        lay,
+        seq_len,
+        advantages,
+        blend,
+        old_logp,
+        ref_logp,
+        cfg,
+        max_completion_length,
+        num_items_in_batch,
+        dev,
+    )
+
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    y = targets.reshape(-1)
+    if lay.valid_idx is not None:
+        h, y = h.index_select(0, lay.valid_idx), y.index_select(0, lay.valid_idx)
+    check_targets(y, weight.shape[0])
+    y = y.long().contiguous()
+
+    name = resolve_backend(backend, dev)
+    chunk = chunk_size or default_chunk_size(h.shape[0], weight.shape[0])
+    if cfg.importance_level == "token" and name != "triton":
+        grad_on = torch.is_grad_enabled()
+        needs = (
+            grad_on and h.requires_grad,
+            grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad,
+        )
+        loss, logp, entropy = FusedLinearGRPOLossFunction.apply(
+            h.contiguous(), weight.contiguous(), bias, y, tb, cfg, 1.0 / temperature, chunk, name, needs
+        )
+    else:
+        logp, entropy = run_linear_logprobs(h, weight, bias, y, temperature, chunk, name)
+        loss = aggregate(logp, entropy, tb, cfg)
+    kl, low, high, ratio_mean = _metrics(logp.detach(), tb, cfg)
+    return GRPOLossOutput(
+        loss=loss,
+        logp=_scatter_back(logp, lay),
+        entropy=_scatter_back(entropy, lay),
+        kl=kl,
+        clip_frac_low=low,
+        clip_frac_high=high,
+        ratio_mean=ratio_mean,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# From logits, and the reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LogitsLogprobsFunction(torch.autograd.Function):
+    """``logits [N, V] -> (logp, entropy)`` through the epilogue; gradient into a new buffer (or in place)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temp: float, chunk: int, backend: str, inplace: bool):
+        n = logits.shape[0]
+        ep = get_epilogue(backend)
+        lse = torch.empty(n, device=logits.device, dtype=torch.float32)
+        logp, entropy = torch.empty_like(lse), torch.empty_like(lse)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            lse[s:e], logp[s:e], entropy[s:e] = ep.lse_logp_entropy(logits[s:e], targets[s:e], inv_temp)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.cfg = (inv_temp, chunk, backend, inplace)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        inv_temp, chunk, backend, inplace = ctx.cfg
+        ep = get_epilogue(backend)
+        grad = logits if inplace else torch.empty_like(logits)
+        c_logp = g_logp.float() if g_logp is not None else torch.zeros_like(lse)
+        c_ent = g_ent.float() if g_ent is not None else None
+        for s in range(0, logits.shape[0], chunk):
+            e = min(s + chunk, logits.shape[0])
+            if not inplace:
+                grad[s:e].copy_(logits[s:e])
+            ep.logits_grad_(
+                grad[s:e],
+                targets[s:e],
+                lse[s:e],
+                entropy[s:e],
+                c_logp[s:e],
+                None if c_ent is None else c_ent[s:e],
+                inv_temp,
+            )
+        return grad, None, None, None, None, None
+
+
+def grpo_loss_from_logits(
+    logits: Tensor,
+    targets: Tensor,
+    advantages: Tensor | tuple[Tensor, Tensor],
+    *,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    loss_type: str = "dapo",
+    importance_level: str = "token",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    entropy_coef: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    blend: Tensor | None = None,
+    chunk_size: int | None = None,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """:func:`grpo_loss` for callers who already hold ``logits [B, T, V]`` (padded) or ``[N, V]`` (packed).
+
+    Reads the logits once in the forward; the backward writes ``dL/dlogits`` into a new buffer, or into
+    ``logits`` itself when ``inplace=True`` (the caller's logits are then destroyed by the backward).
+    """
+    cfg = _validate_common(
+        loss_type, importance_level, eps_low, eps_high, delta, dual_clip, beta, entropy_coef
+    )
+    check_float("logits", logits)
+    if logits.dim() not in (2, 3) or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"logits must be [B, T, V] or [N, V] with targets of its leading shape; "
+            f"got logits {shape(logits)}, targets {shape(targets)}"
+        )
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dev = logits.device
+    lead = tuple(targets.shape)
+    lay, seq_len = _layout(lead, mask, cu_seqlens, dev)
+    tb = _token_batch(
+        lay,
+        seq_len,
+        advantages,
+        blend,
+        old_logp,
+        ref_logp,
+        cfg,
+        max_completion_length,
+        num_items_in_batch,
+        dev,
+    )
+    v = logits.shape[-1]
+    flat = logits.reshape(-1, v)
+    y = targets.reshape(-1).long()
+    valid = None if lay.valid_idx is None else lay.valid_idx
+    check_targets(y if valid is None else y[valid], v)
+    if valid is not None:  # rows of masked tokens are computed (no copy of the logits) but get zero gradient
+        y = torch.where(torch.zeros_like(y, dtype=torch.bool).index_fill_(0, valid, True), y, 0)
+    name = resolve_backend(backend, dev)
+    if name == "triton":
+        name = "triton_chunked"  # the logits already exist: the fused backend is the epilogue itself
+    chunk = chunk_size or default_chunk_size(flat.shape[0], v)
+    logp_all, ent_all = LogitsLogprobsFunction.apply(
+        flat, y.contiguous(), 1.0 / temperature, chunk, name, inplace
+    )
+    logp = logp_all if valid is None else logp_all[valid]
+    entropy = ent_all if valid is None else ent_all[valid]
+    loss = aggregate(logp, entropy, tb, cfg)
+    kl, low, high, ratio_mean = _metrics(logp.detach(), tb, cfg)
+    return GRPOLossOutput(
+        loss, _scatter_back(logp, lay), _scatter_back(entropy, lay), kl, low, high, ratio_mean
+    )
+
+
+def grpo_loss_ref(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    **kwargs,
+) -> GRPOLossOutput:
+    """The plain-torch spec: materialised logits in the inputs' dtype (use fp64 inputs for ground truth), the
+    same arguments as :func:`grpo_loss`. Memory ``O(N·V)``: for tests and small shapes."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return grpo_loss_from_logits_ref(logits, targets, advantages, temperature=temperature, **kwargs)
+
+
+def grpo_loss_from_logits_ref(
+    logits: Tensor,
+    targets: Tensor,
+    advantages,
+    *,
+    temperature: float = 1.0,
+    mask=None,
+    cu_seqlens=None,
+    old_logp=None,
+    ref_logp=None,
+    blend=None,
+    max_completion_length=None,
+    num_items_in_batch=None,
+    **cfg_kwargs,
+) -> GRPOLossOutput:
+    cfg = LossConfig(**cfg_kwargs)
+    cfg.validate()
+    dev = logits.device
+    lead = tuple(targets.shape)
+    lay, seq_len = _layout(lead, mask, cu_seqlens, dev)
+    z = logits.reshape(-1, logits.shape[-1])
+    z = (z.float() if z.dtype in (torch.bfloat16, torch.float16) else z) / temperature
+    tb = _token_batch(
+        lay,
+        seq_len,
+        advantages,
+        blend,
+        old_logp,
+        ref_logp,
+        cfg,
+        max_completion_length,
+        num_items_in_batch,
+        dev,
+        dtype=z.dtype,
+    )
+    y = targets.reshape(-1).long()
+    if lay.valid_idx is not None:
+        z, y = z[lay.valid_idx], y[lay.valid_idx]
+    logprobs = torch.log_softmax(z, dim=-1)
+    logp = logprobs.gather(1, y[:, None]).squeeze(1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    loss = aggregate(logp, entropy, tb, cfg)
+    kl, low, high, ratio_mean = _metrics(logp.detach(), tb, cfg)
+    return GRPOLossOutput(
+        loss, _scatter_back(logp, lay), _scatter_back(entropy, lay), kl, low, high, ratio_mean
+    )

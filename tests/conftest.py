@@ -1,0 +1,38 @@
+"""Shared test helpers: the STYLE.md error budget and random inputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def max_err(x: torch.Tensor, gt: torch.Tensor) -> float:
+    """Max abs error in fp64; NaN/inf in ``x`` make the error infinite (never passes)."""
+    x = x.detach().double()
+    if not bool(torch.isfinite(x).all()):
+        return float("inf")
+    return float((x - gt.detach().double()).abs().max()) if x.numel() else 0.0
+
+
+def assert_budget(out, gt, ref_lowp, dtype, what: str = "", factor: float = 2.0) -> None:
+    """``err(out) <= factor * err(ref_lowp) + atol[dtype]``, errors against the fp64 ground truth ``gt``.
+
+    The atol is relative to the magnitude of ``gt`` when it is large (gradients of losses with big logits)."""
+    assert out.shape == gt.shape, f"{what}: shape {tuple(out.shape)} != {tuple(gt.shape)}"
+    e_out, e_ref = max_err(out, gt), max_err(ref_lowp, gt)
+    scale = max(1.0, float(gt.detach().abs().max())) if gt.numel() else 1.0
+    bound = factor * e_ref + ATOL[dtype] * scale
+    assert e_out <= bound, f"{what}: err {e_out:.3e} > budget {bound:.3e} (ref_lowp err {e_ref:.3e})"
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,449 @@
+"""grpo_loss: the reference against TRL's formulas, every backend against the fp64 reference under the error
+budget, padded == packed, from_logits, the module, Liger parity, metrics and bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_budget
+
+import fastgrpo
+from fastgrpo import GRPOLoss, grpo_loss, grpo_loss_from_logits, grpo_loss_ref
+
+BACKENDS = fastgrpo.available_backends("cpu")
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# An independent transcription of TRL 1.16 GRPOTrainer._compute_loss on padded [B, T] tensors (fp64).
+# ------------------------------------------------------------------------------------------------------------
+def trl_loss(logits, y, mask, adv, *, old=None, ref=None, beta=0.0, loss_type="dapo", level="token",
+             eps_low=0.2, eps_high=0.2, delta=None, max_len=None, num_items=None, temperature=1.0,
+             entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05):  # fmt: skip
+    lsm = torch.log_softmax(logits / temperature, -1)
+    logp = lsm.gather(-1, y[..., None]).squeeze(-1)
+    ent = -(lsm.exp() * lsm).sum(-1)
+    old = logp.detach() if old is None else old
+    lr = logp - old
+    lw = lr if level == "token" else ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+    c1 = torch.exp(lw)
+    a = adv[:, None] if adv.dim() == 1 else adv
+    if loss_type == "cispo":
+        ptl = -torch.clamp(c1, max=eps_high).detach() * a * logp
+    elif loss_type == "sapo":
+        tau = torch.where(a > 0, tau_pos, tau_neg)
+        ptl = -torch.sigmoid(tau * (c1 - 1)) * 4 / tau * a
+    else:
+        c2 = torch.clamp(c1, 1 - eps_low, 1 + eps_high)
+        if delta is not None:
+            c1 = torch.clamp(c1, max=delta)
+        ptl = -torch.min(c1 * a, c2 * a)
+    if beta != 0.0:
+        d = ref - logp
+        ptl = ptl + beta * (torch.exp(d) - d - 1)
+    if loss_type in ("grpo", "sapo"):
+        loss = ((ptl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (ptl * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (ptl * mask).sum() / (ptl.size(0) * max_len)
+    else:
+        loss = (ptl * mask).sum() / num_items
+    if entropy_coef:
+        loss = loss - entropy_coef * (ent * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss
+
+
+def make_batch(gen, b=4, t=9, d=16, v=101, dtype=torch.float64, logit_scale=1.0, mask_p=0.3):
+    h = torch.randn(b, t, d, generator=gen, dtype=torch.float64) * logit_scale
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.5
+    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.1
+    y = torch.randint(0, v, (b, t), generator=gen)
+    mask = (torch.rand(b, t, generator=gen) > mask_p).double()
+    mask[:, 0] = 1.0
+    with torch.no_grad():
+        true_lp = torch.log_softmax(h @ w.t() + bias, -1).gather(-1, y[..., None]).squeeze(-1)
+    # behaviour / reference log-probs near the current ones, so ratios straddle the clip range
+    old = true_lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    ref = true_lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    adv = torch.randn(b, generator=gen, dtype=torch.float64)
+    return dict(h=h, w=w, bias=bias, y=y, mask=mask, old=old, ref=ref, adv=adv)
+
+
+def leaves(x, dtype, bias=True):
+    out = [x["h"].detach().to(dtype).requires_grad_(), x["w"].detach().to(dtype).requires_grad_()]
+    out.append(x["bias"].detach().to(dtype).requires_grad_() if bias else None)
+    return out
+
+
+def grads(ts):
+    return [None if t is None else t.grad for t in ts]
+
+
+CASES = [dict(loss_type=lt, importance_level=lvl) for lt in LOSS_TYPES for lvl in ("token", "sequence")] + [
+    dict(loss_type="grpo", importance_level="token", delta=1.5, eps_high=0.28),
+    dict(loss_type="dapo", importance_level="token", dual_clip=3.0, eps_high=0.28),
+    dict(loss_type="bnpo", importance_level="token", entropy_coef=0.01),
+    dict(loss_type="grpo", importance_level="sequence", eps_low=3e-4, eps_high=4e-4),
+]
+
+
+def case_id(c):
+    return "-".join(f"{k}={v}" for k, v in c.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_reference_equals_trl_formulas(gen, case, beta):
+    x = make_batch(gen)
+    kw = dict(case)
+    eps_high = kw.get("eps_high", 5.0 if kw["loss_type"] == "cispo" else 0.2)
+    kw["eps_high"] = eps_high
+    h, w, b = leaves(x, torch.float64)
+    ours = grpo_loss_ref(
+        h,
+        w,
+        x["y"],
+        x["adv"],
+        bias=b,
+        mask=x["mask"],
+        old_logp=x["old"],
+        ref_logp=x["ref"],
+        beta=beta,
+        temperature=0.9,
+        num_items_in_batch=17,
+        max_completion_length=12,
+        **kw,
+    )
+    ours.loss.backward()
+    h2, w2, b2 = leaves(x, torch.float64)
+    theirs = trl_loss(
+        h2 @ w2.t() + b2,
+        x["y"],
+        x["mask"],
+        x["adv"],
+        old=x["old"],
+        ref=x["ref"],
+        beta=beta,
+        loss_type=kw["loss_type"],
+        level=kw["importance_level"],
+        eps_low=kw.get("eps_low", 0.2),
+        eps_high=eps_high,
+        delta=kw.get("delta"),
+        max_len=12,
+        num_items=17,
+        temperature=0.9,
+        entropy_coef=kw.get("entropy_coef", 0.0),
+    )
+    theirs.backward()
+    if "dual_clip" in kw:  # TRL has no dual clip: only check it changed something or nothing (A >= 0 rows)
+        return
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-10, atol=1e-12)
+    for g1, g2 in zip(grads([h, w, b]), grads([h2, w2, b2])):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+def run_loss(fn, x, dtype, *, layout="padded", bias=True, **kw):
+    h, w, b = leaves(x, dtype, bias)
+    cast = lambda t: t.to(dtype if dtype == torch.float64 else torch.float32)
+    args = dict(old_logp=cast(x["old"]), ref_logp=cast(x["ref"]))
+    adv = cast(x["adv"])
+    if "blend" in kw:
+        kw["blend"] = cast(kw["blend"])
+        adv = (adv, cast(kw.pop("adv_local")))
+    if layout == "padded":
+        out = fn(h, w, x["y"], adv, bias=b, mask=x["mask"], **args, **kw)
+    else:  # packed: drop padding, describe sequences by cu_seqlens
+        m = x["mask"].bool()
+        lens = m.sum(1)
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        pk = lambda t: t[m]
+        out = fn(
+            h[m],
+            w,
+            x["y"][m],
+            adv,
+            bias=b,
+            cu_seqlens=cu,
+            old_logp=pk(args["old_logp"]),
+            ref_logp=pk(args["ref_logp"]),
+            **kw,
+        )
+    g = torch.randn((), generator=torch.Generator().manual_seed(7), dtype=torch.float64).item()
+    (out.loss * g).backward()
+    return out, [out.loss] + grads([h, w, b])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backend_matches_fp64(gen, backend, dtype, case):
+    x = make_batch(gen, b=5, t=13, d=24, v=1001)
+    kw = dict(case, beta=0.04, max_completion_length=13, temperature=0.8)
+    if kw["loss_type"] == "cispo":
+        kw.setdefault("eps_high", 5.0)
+    _, gt = run_loss(grpo_loss_ref, x, torch.float64, **kw)
+    _, lo = run_loss(grpo_loss_ref, x, dtype, **kw)
+    _, out = run_loss(grpo_loss, x, dtype, backend=backend, chunk_size=16, **kw)
+    for name, o, g, l in zip(("loss", "d_hidden", "d_weight", "d_bias"), out, gt, lo):
+        assert_budget(o, g, l, dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[11]], ids=case_id)
+def test_copo_blend_and_padded_equals_packed(gen, backend, case):
+    x = make_batch(gen, b=6, t=7, d=16, v=130)
+    blend = torch.sigmoid(torch.randn(6, generator=gen, dtype=torch.float64))
+    adv_local = torch.randn(6, generator=gen, dtype=torch.float64)
+    kw = dict(case, beta=0.02, dual_clip=3.0, max_completion_length=7)
+    _, gt = run_loss(grpo_loss_ref, x, torch.float64, blend=blend, adv_local=adv_local, **kw)
+    o_pad, pad = run_loss(
+        grpo_loss, x, torch.float32, backend=backend, blend=blend, adv_local=adv_local, **kw
+    )
+    o_pk, pk = run_loss(
+        grpo_loss, x, torch.float32, layout="packed", backend=backend, blend=blend, adv_local=adv_local, **kw
+    )
+    _, lo = run_loss(grpo_loss_ref, x, torch.float32, blend=blend, adv_local=adv_local, **kw)
+    for name, a, b_, g, l in zip(("loss", "d_hidden", "d_weight", "d_bias"), pad, pk, gt, lo):
+        assert_budget(a, g, l, torch.float32, name + " padded")
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+    # the blend really mixes two losses: w = 1 everywhere gives the local loss alone
+    assert o_pad.logp.shape == (6, 7) and o_pk.logp.shape == (int(x["mask"].sum()),)
+    torch.testing.assert_close(o_pad.logp[x["mask"].bool()], o_pk.logp, rtol=0, atol=1e-6)
+
+
+def test_blend_extremes_select_one_advantage(gen):
+    x = make_batch(gen, b=3, t=5, d=8, v=50)
+    h, w, _ = leaves(x, torch.float32, bias=False)
+    a_g, a_l = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    kw = dict(mask=x["mask"], old_logp=x["old"].float(), loss_type="grpo")
+    both = lambda wt: grpo_loss(h, w, x["y"], (a_g, a_l), blend=torch.full((3,), wt), **kw).loss
+    torch.testing.assert_close(both(0.0), grpo_loss(h, w, x["y"], a_g, **kw).loss)
+    torch.testing.assert_close(both(1.0), grpo_loss(h, w, x["y"], a_l, **kw).loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_shapes(gen, backend):
+    """T=1, a group of size 1, all-equal (zero) advantages, a fully masked row, per-token advantages."""
+    for b, t in [(1, 1), (3, 1), (2, 63)]:
+        x = make_batch(gen, b=b, t=t, d=8, v=257, mask_p=0.0)
+        _, gt = run_loss(grpo_loss_ref, x, torch.float64, loss_type="grpo")
+        _, lo = run_loss(grpo_loss_ref, x, torch.float32, loss_type="grpo")
+        _, out = run_loss(grpo_loss, x, torch.float32, loss_type="grpo", backend=backend)
+        for o, g, l in zip(out, gt, lo):
+            assert_budget(o, g, l, torch.float32, f"B={b} T={t}")
+    x = make_batch(gen, b=4, t=6, d=8, v=64)
+    x["mask"][2] = 0.0  # a fully masked row still counts in B for grpo (TRL clamps its length to 1)
+    x["adv"] = torch.zeros(4, dtype=torch.float64)  # all-equal rewards: zero advantages
+    out, res = run_loss(grpo_loss, x, torch.float32, loss_type="grpo", beta=0.0, backend=backend)
+    assert float(out.loss.detach()) == 0.0 and float(res[1].abs().max()) == 0.0
+    assert float(out.logp[2].abs().max()) == 0.0
+    x = make_batch(gen, b=4, t=6, d=8, v=64)
+    x["mask"][2] = 0.0
+    x["adv"] = torch.randn(4, 6, generator=gen, dtype=torch.float64)  # per-token advantages (PRM steps)
+    _, gt = run_loss(grpo_loss_ref, x, torch.float64, loss_type="grpo", importance_level="sequence")
+    _, lo = run_loss(grpo_loss_ref, x, torch.float32, loss_type="grpo", importance_level="sequence")
+    _, out = run_loss(
+        grpo_loss, x, torch.float32, loss_type="grpo", importance_level="sequence", backend=backend
+    )
+    for o, g, l in zip(out, gt, lo):
+        assert_budget(o, g, l, torch.float32, "per-token advantages")
+
+
+def test_hand_computed_on_policy():
+    """V=2, one sequence of two tokens, logits 0 -> p = 1/2, logp = -ln 2; on-policy ratio 1, A = 2.
+    grpo: l_t = -(1 * A) = -2 per token, mean over 2 tokens -> loss -2.
+    d loss / d logit[t, target] = -A/|o| * (1 - p) = -2/2 * 1/2 = -0.5; other logit +0.5."""
+    logits = torch.zeros(1, 2, 2, requires_grad=True)
+    y = torch.tensor([[0, 1]])
+    out = grpo_loss_from_logits(logits, y, torch.tensor([2.0]), loss_type="grpo")
+    out.loss.backward()
+    assert math.isclose(float(out.loss), -2.0, rel_tol=1e-6)
+    torch.testing.assert_close(out.logp, torch.full((1, 2), -math.log(2)))
+    torch.testing.assert_close(out.entropy, torch.full((1, 2), math.log(2)))
+    torch.testing.assert_close(logits.grad, torch.tensor([[[-0.5, 0.5], [0.5, -0.5]]]))
+    assert float(out.ratio_mean) == 1.0 and float(out.clip_frac_low) == 0.0
+
+
+def test_clip_fraction_metrics():
+    """Ratios exp(+-0.5) = 1.65 / 0.61 with eps 0.2: high-clipped where A > 0 and r > 1.2, low-clipped where
+    A < 0 and r < 0.8. Tokens: (r=1.65, A=+1) high; (r=0.61, A=-1) low; (r=1.65, A=-1) neither; (r=1, A=+1)."""
+    logits = torch.zeros(4, 1, 3)
+    y = torch.zeros(4, 1, dtype=torch.long)
+    lp = -math.log(3)
+    old = torch.tensor([[lp - 0.5], [lp + 0.5], [lp - 0.5], [lp]])
+    out = grpo_loss_from_logits(logits, y, torch.tensor([1.0, -1.0, -1.0, 1.0]), old_logp=old)
+    assert float(out.clip_frac_high) == 0.25 and float(out.clip_frac_low) == 0.25
+    expected_ratio = (2 * math.exp(0.5) + math.exp(-0.5) + 1) / 4
+    assert math.isclose(float(out.ratio_mean), expected_ratio, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_logits_matches_hidden_version_and_leaves_logits_alone(gen, backend):
+    x = make_batch(gen, b=3, t=5, d=8, v=70)
+    h, w, b = leaves(x, torch.float32)
+    kw = dict(
+        mask=x["mask"],
+        old_logp=x["old"].float(),
+        ref_logp=x["ref"].float(),
+        beta=0.1,
+        loss_type="grpo",
+        entropy_coef=0.05,
+    )
+    out = grpo_loss(h, w, x["y"], x["adv"].float(), bias=b, backend=backend, **kw)
+    out.loss.backward()
+    logits = (h.detach() @ w.detach().t() + b.detach()).requires_grad_()
+    saved = logits.detach().clone()
+    out2 = grpo_loss_from_logits(logits, x["y"], x["adv"].float(), backend=backend, **kw)
+    out2.loss.backward()
+    torch.testing.assert_close(out2.loss, out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad @ w.detach(), h.grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(logits.detach(), saved)
+    # inplace=True writes the gradient into the caller's logits
+    lg = saved.clone().requires_grad_()
+    buf = lg.detach()
+    o3 = grpo_loss_from_logits(lg * 1.0, x["y"], x["adv"].float(), inplace=True, backend=backend, **kw)
+    o3.loss.backward()
+    torch.testing.assert_close(lg.grad, logits.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(buf, saved)  # lg itself was not the buffer (lg * 1.0 was)
+
+
+def test_module_wrapper(gen):
+    x = make_batch(gen, b=2, t=4, d=8, v=40)
+    h, w, _ = leaves(x, torch.float32, bias=False)
+    mod = GRPOLoss(loss_type="dr_grpo", beta=0.05, max_completion_length=8)
+    out = mod(h, w, x["y"], x["adv"].float(), mask=x["mask"], ref_logp=x["ref"].float())
+    ref = grpo_loss(
+        h,
+        w,
+        x["y"],
+        x["adv"].float(),
+        mask=x["mask"],
+        ref_logp=x["ref"].float(),
+        loss_type="dr_grpo",
+        beta=0.05,
+        max_completion_length=8,
+    )
+    torch.testing.assert_close(out.loss, ref.loss)
+    assert "dr_grpo" in repr(mod)
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOLoss(loss_type="ppo")
+
+
+def test_no_grad_returns_value(gen):
+    x = make_batch(gen, b=2, t=4, d=8, v=40)
+    h, w, _ = leaves(x, torch.float32, bias=False)
+    with_grad = grpo_loss(h, w, x["y"], x["adv"].float(), mask=x["mask"]).loss
+    with torch.no_grad():
+        no_grad = grpo_loss(h, w, x["y"], x["adv"].float(), mask=x["mask"]).loss
+    assert not no_grad.requires_grad
+    torch.testing.assert_close(no_grad, with_grad.detach())
+
+
+def test_bad_inputs(gen):
+    x = make_batch(gen, b=2, t=4, d=8, v=40)
+    h, w, _ = leaves(x, torch.float32, bias=False)
+    y, m, a = x["y"], x["mask"], x["adv"].float()
+    call = lambda **k: grpo_loss(**{**dict(hidden=h, weight=w, targets=y, advantages=a, mask=m), **k})
+    with pytest.raises(ValueError, match="loss_type"):
+        call(loss_type="ppo")
+    with pytest.raises(ValueError, match="importance_level"):
+        call(importance_level="tok")
+    with pytest.raises(ValueError, match=r"advantages must be \[B=2\] or \[2, 4\], got \(3,\)"):
+        call(advantages=torch.zeros(3))
+    with pytest.raises(ValueError, match="advantages.*NaN"):
+        call(advantages=torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match="old_logp.*NaN"):
+        call(old_logp=torch.full((2, 4), float("inf")))
+    with pytest.raises(ValueError, match="no valid token"):
+        call(mask=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="beta=0.1 needs ref_logp"):
+        call(beta=0.1)
+    with pytest.raises(ValueError, match="targets"):
+        call(targets=torch.full((2, 4), 40))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        grpo_loss(h.reshape(8, 8), w, y.reshape(8), a)
+    with pytest.raises(ValueError, match="end at N=8"):
+        grpo_loss(h.reshape(8, 8), w, y.reshape(8), a, cu_seqlens=torch.tensor([0, 3, 7]))
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo_loss(
+            h.reshape(8, 8), w, y.reshape(8), a, cu_seqlens=torch.tensor([0, 3, 8]), loss_type="dr_grpo"
+        )
+    with pytest.raises(ValueError, match="pair"):
+        call(blend=torch.ones(2))
+    with pytest.raises(ValueError, match="blend is None"):
+        call(advantages=(a, a))
+    with pytest.raises(ValueError, match="empty"):
+        grpo_loss(h[:0], w, y[:0], a[:0])
+    with pytest.raises(ValueError, match="delta"):
+        call(delta=0.5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parity with Liger-Kernel's LigerFusedLinearGRPOLoss (pure torch path, compiled=False)
+# ------------------------------------------------------------------------------------------------------------
+liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel not installed")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_liger_parity(gen, loss_type, level, beta):
+    if level == "sequence" and loss_type in ("cispo", "sapo"):
+        pytest.skip("Liger supports sequence-level ratios only for grpo/bnpo/dr_grpo/dapo")
+    x = make_batch(gen, b=4, t=11, d=32, v=300)
+    eps_high = 5.0 if loss_type == "cispo" else 0.28
+    delta = 1.6 if loss_type in ("grpo", "dapo") else None
+    lig = liger.LigerFusedLinearGRPOLoss(
+        beta=beta,
+        compiled=False,
+        use_ref_model=beta > 0,
+        chunk_size=2,
+        epsilon_low=0.2,
+        epsilon_high=eps_high,
+        loss_type=loss_type,
+        max_completion_length=11,
+        importance_sampling_level=level,
+        temperature=0.9,
+        delta=delta,
+    )
+    h1, w1, b1 = leaves(x, torch.float32)
+    res = lig(
+        h1,
+        w1,
+        x["y"],
+        x["mask"].float(),
+        x["adv"].float(),
+        bias=b1,
+        ref_per_token_logps=x["ref"].float(),
+        old_per_token_logps=x["old"].float(),
+        num_items_in_batch=torch.tensor(30.0),
+    )
+    loss_l = res[0] if isinstance(res, tuple) else res
+    loss_l.backward()
+    h2, w2, b2 = leaves(x, torch.float32)
+    ours = grpo_loss(
+        h2,
+        w2,
+        x["y"],
+        x["adv"].float(),
+        bias=b2,
+        mask=x["mask"],
+        old_logp=x["old"].float(),
+        ref_logp=x["ref"].float(),
+        beta=beta,
+        loss_type=loss_type,
+        importance_level=level,
+        eps_high=eps_high,
+        delta=delta,
+        temperature=0.9,
+        max_completion_length=11,
+        num_items_in_batch=30,
+    )
+    ours.loss.backward()
+    torch.testing.assert_close(ours.loss, loss_l, rtol=2e-5, atol=2e-6)
+    for a, b_ in zip(grads([h2, w2, b2]), grads([h1, w1, b1])):
+        torch.testing.assert_close(a, b_, rtol=2e-4, atol=2e-6)
