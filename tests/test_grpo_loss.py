@@ -447,3 +447,18 @@ def test_liger_parity(gen, loss_type, level, beta):
     torch.testing.assert_close(ours.loss, loss_l, rtol=2e-5, atol=2e-6)
     for a, b_ in zip(grads([h2, w2, b2]), grads([h1, w1, b1])):
         torch.testing.assert_close(a, b_, rtol=2e-4, atol=2e-6)
+
+
+def test_torch_compile_gives_the_same_loss_and_gradients(gen):
+    """torch.compile traces around the chunked Function (graph breaks allowed) and keeps the numbers."""
+    x = make_batch(gen, b=2, t=5, d=8, v=30)
+    h, w, _ = leaves(x, torch.float32, bias=False)
+    f = lambda h_, w_: grpo_loss(h_, w_, x["y"], x["adv"].float(), mask=x["mask"], loss_type="grpo").loss
+    ref = f(h, w)
+    ref.backward()
+    g_ref = h.grad.clone()
+    h.grad = None
+    out = torch.compile(f, backend="eager")(h, w)
+    out.backward()
+    torch.testing.assert_close(out.detach(), ref.detach())
+    torch.testing.assert_close(h.grad, g_ref)
