@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-all lint format bench gpu-test clean
 
-$(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml setup.py scripts/setup.sh $(wildcard csrc/*/*) $(wildcard csrc/*.cpp)
+$(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml setup.py scripts/setup.sh $(wildcard csrc/*.cpp csrc/*.h csrc/*/*)
 	bash scripts/setup.sh
 
 setup: $(STAMP)

@@ -309,3 +309,19 @@ def test_copo_global_pieces_hand_computed():
     assert copo_gate(w, rr, aloc, gating="no-global").tolist() == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="gating"):
         copo_gate(w, rr, aloc, gating="soft")
+
+
+def test_backend_dispatch_matches_torch_and_never_falls_back():
+    from fastgrpo import available_backends
+
+    r = torch.tensor([1.0, 0.0, 2.0, 2.0, 5.0, 1.0, 0.5])
+    gid = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    ref = group_advantages(r, group_ids=gid, backend="torch")
+    if "cpp" in available_backends("cpu"):
+        torch.testing.assert_close(group_advantages(r, group_ids=gid, backend="cpp"), ref)
+    from fastgrpo._backends import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable):
+        group_advantages(r, group_ids=gid, backend="cuda")  # CPU tensors
+    with pytest.raises(ValueError, match="backend"):
+        group_advantages(r, group_ids=gid, backend="triton")
