@@ -52,7 +52,8 @@ def torch_lse_logp_entropy(z: Tensor, targets: Tensor, inv_temp: float) -> tuple
     lse = torch.logsumexp(x, dim=-1)
     ls = x - lse[:, None]
     logp = ls.gather(1, targets[:, None]).squeeze(1)
-    entropy = -(torch.exp(ls).mul_(ls)).sum(-1)
+    p = torch.exp(ls)
+    entropy = -(p * ls if ls.requires_grad else p.mul_(ls)).sum(-1)  # in place unless differentiated
     return lse, logp, entropy
 
 
