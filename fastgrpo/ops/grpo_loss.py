@@ -362,6 +362,20 @@ def _scatter_back(x: Tensor, lay: _Layout) -> Tensor:
     return full.view(lay.lead_shape)
 
 
+def _output(loss: Tensor, logp: Tensor, entropy: Tensor, tb: TokenBatch, cfg: LossConfig, lay: _Layout):
+    """The loss with its detached metrics, per-token values back in the caller's layout."""
+    kl, low, high, ratio_mean = _metrics(logp.detach(), tb, cfg)
+    return GRPOLossOutput(
+        loss=loss,
+        logp=_scatter_back(logp, lay),
+        entropy=_scatter_back(entropy, lay),
+        kl=kl,
+        clip_frac_low=low,
+        clip_frac_high=high,
+        ratio_mean=ratio_mean,
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Execution: one-pass fused Function (token-level ratios, chunked backends) and the two-pass path
 # --------------------------------------------------------------------------------------------------------------
@@ -508,16 +522,7 @@ def grpo_loss(
     else:
         logp, entropy = run_linear_logprobs(h, weight, bias, y, temperature, chunk, name)
         loss = aggregate(logp, entropy, tb, cfg)
-    kl, low, high, ratio_mean = _metrics(logp.detach(), tb, cfg)
-    return GRPOLossOutput(
-        loss=loss,
-        logp=_scatter_back(logp, lay),
-        entropy=_scatter_back(entropy, lay),
-        kl=kl,
-        clip_frac_low=low,
-        clip_frac_high=high,
-        ratio_mean=ratio_mean,
-    )
+    return _output(loss, logp, entropy, tb, cfg, lay)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -638,10 +643,7 @@ def grpo_loss_from_logits(
     logp = logp_all if valid is None else logp_all[valid]
     entropy = ent_all if valid is None else ent_all[valid]
     loss = aggregate(logp, entropy, tb, cfg)
-    kl, low, high, ratio_mean = _metrics(logp.detach(), tb, cfg)
-    return GRPOLossOutput(
-        loss, _scatter_back(logp, lay), _scatter_back(entropy, lay), kl, low, high, ratio_mean
-    )
+    return _output(loss, logp, entropy, tb, cfg, lay)
 
 
 def grpo_loss_ref(
@@ -704,7 +706,4 @@ def grpo_loss_from_logits_ref(
     logp = logprobs.gather(1, y[:, None]).squeeze(1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     loss = aggregate(logp, entropy, tb, cfg)
-    kl, low, high, ratio_mean = _metrics(logp.detach(), tb, cfg)
-    return GRPOLossOutput(
-        loss, _scatter_back(logp, lay), _scatter_back(entropy, lay), kl, low, high, ratio_mean
-    )
+    return _output(loss, logp, entropy, tb, cfg, lay)
