@@ -12,8 +12,10 @@
 // all three outputs NaN (fmaxf alone would drop it). Targets outside [0, V) give logp = NaN (no host sync to
 // raise; the CPU op raises).
 //
-// Gradient reads and writes the block once, in place, same layout; the one-hot term is added by the thread
-// that owns element y, so no second write races with the sweep.
+// Gradient reads the row twice (the first read recomputes its max and log-partition, see logits_grad_kernel)
+// and writes it once, in place, same layout; the one-hot term is added by the thread that owns element y, so
+// no second write races with the sweep. Every thread must finish reading before any writes: the row groups'
+// reductions (shuffles / __syncthreads) order the two sweeps.
 
 #pragma once
 
@@ -177,26 +179,17 @@ __device__ __forceinline__ int64_t head_len(const T* row, int64_t V) {
   return h < V ? h : V;
 }
 
-// kRowThreads threads per row (32: a warp; == kBlock: the whole block), kBlock / kRowThreads rows per block.
+// Online (m, s, t) of one row, reduced over its kRowThreads threads and returned to every one of them; `nan`
+// becomes true on all of them when the row holds a NaN.
 template <typename T, int kRowThreads, int kBlock>
-__global__ void __launch_bounds__(kBlock)
-    lse_logp_entropy_kernel(const T* __restrict__ z, const int64_t* __restrict__ targets, int64_t C, int64_t V,
-                            float inv_temp, float* __restrict__ lse, float* __restrict__ logp,
-                            float* __restrict__ entropy) {
-  static_assert(kRowThreads == 32 || kRowThreads == kBlock, "a row is a warp or a block");
+__device__ __forceinline__ Acc row_stats(const T* zr, int64_t V, float inv_temp, int lane, bool& nan) {
   constexpr int N = Pack<T>::N;
-  constexpr int kRowsPerBlock = kBlock / kRowThreads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kRowThreads;
-  const int lane = threadIdx.x % kRowThreads;
-  if (row >= C) return;  // uniform per row group
-
-  const T* zr = z + row * V;
   const int64_t head = head_len(zr, V);
   const int64_t npack = (V - head) / N;
   const T* body = zr + head;
 
   Acc st = acc_empty();
-  bool nan = false;
+  nan = false;
   for (int64_t v = lane; v < head; v += kRowThreads) {
     const float x[1] = {to_float(zr[v]) * inv_temp};
     acc_add<1>(st, nan, x);
@@ -213,19 +206,41 @@ __global__ void __launch_bounds__(kBlock)
     acc_add<1>(st, nan, x);
   }
 
-  st = warp_reduce(st);
+  st = warp_reduce(st);  // xor butterfly: every lane of the warp holds the warp's total
   if constexpr (kRowThreads == 32) {
     nan = __any_sync(kFullMask, nan);
   } else {
     __shared__ Acc part[kBlock / 32];
+    __shared__ Acc total;
     const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
     if (wl == 0) part[warp] = st;
     nan = __syncthreads_or(nan);
     if (warp == 0) {
       st = wl < kBlock / 32 ? part[wl] : acc_empty();
       st = warp_reduce(st);
+      if (wl == 0) total = st;
     }
+    __syncthreads();
+    st = total;
   }
+  return st;
+}
+
+// kRowThreads threads per row (32: a warp; == kBlock: the whole block), kBlock / kRowThreads rows per block.
+template <typename T, int kRowThreads, int kBlock>
+__global__ void __launch_bounds__(kBlock)
+    lse_logp_entropy_kernel(const T* __restrict__ z, const int64_t* __restrict__ targets, int64_t C, int64_t V,
+                            float inv_temp, float* __restrict__ lse, float* __restrict__ logp,
+                            float* __restrict__ entropy) {
+  static_assert(kRowThreads == 32 || kRowThreads == kBlock, "a row is a warp or a block");
+  constexpr int kRowsPerBlock = kBlock / kRowThreads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kRowThreads;
+  const int lane = threadIdx.x % kRowThreads;
+  if (row >= C) return;  // uniform per row group
+
+  const T* zr = z + row * V;
+  bool nan;
+  const Acc st = row_stats<T, kRowThreads, kBlock>(zr, V, inv_temp, lane, nan);
   if (lane != 0) return;
 
   const int64_t y = targets[row];
@@ -250,28 +265,35 @@ __global__ void __launch_bounds__(kBlock)
   const int lane = threadIdx.x % kRowThreads;
   if (row >= C) return;
 
-  const float l = lse[row];
-  const float ex = static_cast<float>(static_cast<double>(l) - static_cast<double>(entropy[row]));
+  // The row's shifted log-partition is recomputed (one more read of the row) instead of using the stored fp32
+  // lse: near |x| ~ 1e4 its rounding alone (~5e-4) would scale every p by that relative error. All differences
+  // are taken against m, so no two numbers near 1e4 are subtracted after rounding (as in the CPU kernel).
+  T* zr = z + row * V;
+  bool nan;
+  const Acc st = row_stats<T, kRowThreads, kBlock>(zr, V, inv_temp, lane, nan);
+  const float ls = nan ? __int_as_float(0x7fffffff) : logf(st.s);
+  const float exm = static_cast<float>(static_cast<double>(ls) - static_cast<double>(entropy[row]));  // E_p[x]-m
   const float cl = c_logp[row];
   const float a = -inv_temp * cl;
   const float b = kHasEnt ? -inv_temp * c_ent[row] : 0.f;
   const float onehot = inv_temp * cl;
   const int64_t y = targets[row];
+  (void)lse;  // kept in the signature: the op's contract; see above for why it is not read
 
-  // p = e^(x - lse), d = x - Ex; g = a p + b p d (+ inv_temp c_logp at y); p d is 0 for a -inf logit
+  // u = x - m, p = e^(u - log s), d = x - E_p[x] = u - exm; g = a p + b p d (+ inv_temp c_logp at y);
+  // u is clamped at -FLT_MAX so that p d is 0 for a -inf logit
   auto grad = [&](float zv, int64_t v) {
-    const float p = expf(fmaf(zv, inv_temp, -l));
+    const float u = fmaxf(fmaf(zv, inv_temp, -st.m), -FLT_MAX);
+    const float p = expf(u - ls);
     float g;
     if constexpr (kHasEnt) {
-      const float d = fmaxf(fmaf(zv, inv_temp, -ex), -FLT_MAX);
-      g = fmaf(b, p * d, p * a);
+      g = fmaf(b, p * (u - exm), p * a);
     } else {
       g = p * a;
     }
     return v == y ? g + onehot : g;
   };
 
-  T* zr = z + row * V;
   const int64_t head = head_len(zr, V);
   const int64_t npack = (V - head) / N;
   for (int64_t v = lane; v < head; v += kRowThreads) zr[v] = from_float<T>(grad(to_float(zr[v]), v));
