@@ -910,6 +910,35 @@ def make_generator(case: Case) -> torch.Generator:
     return torch.Generator(device=dev).manual_seed(1234 + case.seed)
 
 
+def gemm_floor(
+    hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator
+) -> dict[str, Callable[[], None]]:
+    """The GEMM floor of a linear head: ``Z = H W^T`` (fwd) and ``dZ W``, ``dZ^T H`` (bwd) alone, timed on the same
+    operands, in the dtype fastgrpo's chunk GEMMs run in (``fastgrpo.ops._engine.gemm_dtype``: fp32 for bf16 on
+    a CPU without native bf16 GEMMs; the input dtype everywhere else). ``hidden [N, D]``, ``weight [V, D]``."""
+    from fastgrpo.ops._engine import gemm_dtype
+
+    dt = gemm_dtype(hidden.device, hidden.dtype)
+    h2, w2 = hidden.detach().to(dt), weight.detach().to(dt)
+    n, v = h2.shape[0], w2.shape[0]
+    z = torch.empty(n, v, dtype=dt, device=h2.device)
+    dz = torch.randn(n, v, generator=gen, device=h2.device).to(dt)
+    dh, dw = torch.empty_like(h2), torch.empty_like(w2)
+
+    def f_fwd() -> None:
+        torch.mm(h2, w2.t(), out=z)
+
+    def f_bwd() -> None:
+        torch.mm(dz, w2, out=dh)
+        torch.mm(dz.t(), h2, out=dw)
+
+    def f_all() -> None:
+        f_fwd()
+        f_bwd()
+
+    return {"fwd": f_fwd, "bwd": f_bwd, "fwd_bwd": f_all}
+
+
 def prepare_tensor(x: torch.Tensor, case: Case, upcast: bool, requires_grad: bool = False) -> torch.Tensor:
     """Round a fp32 tensor to the case dtype (and back to fp32 when ``upcast``)."""
     x = x.to(case.torch_dtype)

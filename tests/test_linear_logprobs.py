@@ -162,3 +162,43 @@ def test_peak_memory_is_one_block(gen):
             sizes.append(evt.cpu_memory_usage)
     full_logits = n * v * 4
     assert max(sizes) < full_logits / 4, f"largest allocation {max(sizes)} B vs logits {full_logits} B"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("native", [True, False], ids=["native-half-gemm", "fp32-gemm"])
+def test_half_precision_gemm_dtype_on_cpu(gen, monkeypatch, backend, native):
+    """bf16 inputs on a CPU without native bf16 GEMMs run the chunk GEMMs in fp32 (the result then equals the
+    fp32 computation on the same bf16 values); with native support they stay bf16. Both meet the budget."""
+    from fastgrpo.ops import _engine
+
+    monkeypatch.setattr(_engine, "cpu_native_half_gemm", lambda dtype: native)
+    cpu = torch.device("cpu")
+    assert _engine.gemm_dtype(cpu, torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert _engine.gemm_dtype(cpu, torch.float16) == (torch.float16 if native else torch.float32)
+    assert _engine.gemm_dtype(cpu, torch.float32) == torch.float32
+    assert _engine.gemm_dtype(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
+
+    n, d, v = 70, 48, 1001
+    h, w, b, y = make(gen, n, d, v, torch.float64)
+    g_lp = torch.randn(n, generator=gen, dtype=torch.float64)
+    g_en = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def ours(*a, **k):
+        return linear_logprobs(*a, **k, return_entropy=True, chunk_size=16, backend=backend)
+
+    out = run_grads(ours, h, w, b, y, torch.bfloat16, g_lp.float(), g_en.float())
+    gt = run_grads(ref_fn, h, w, b, y, torch.float64, g_lp, g_en)
+    lo = run_grads(ref_fn, h, w, b, y, torch.bfloat16, g_lp.bfloat16(), g_en.bfloat16())
+    assert_budget(out[0], gt[0], lo[0], torch.bfloat16, "logp")
+    for name, go, gg, gl in zip(("d_hidden", "d_weight", "d_bias"), out[2], gt[2], lo[2]):
+        assert go.dtype == torch.bfloat16
+        assert_budget(go, gg, gl, torch.bfloat16, name)
+    # the fp32 computation on the bf16-rounded inputs: equal to fp32 rounding iff the GEMMs ran in fp32
+    hb, wb, bb = (t.bfloat16().double() for t in (h, w, b))
+    f32 = run_grads(ours, hb, wb, bb, y, torch.float32, g_lp.float(), g_en.float())
+    lp_err = (out[0] - f32[0]).abs().max().item()
+    if native:
+        assert lp_err > 1e-4, "bf16 GEMMs should differ from fp32 ones by bf16 rounding of the logits"
+    else:
+        assert lp_err < 1e-5
+        torch.testing.assert_close(out[2][0], f32[2][0].bfloat16(), rtol=0, atol=0)
