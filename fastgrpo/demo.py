@@ -53,14 +53,14 @@ def demo_overrides(tiny: bool, steps: int, seed: int, output_dir: str, task: str
         "model.lora.r=16",
         "model.lora.alpha=32",
         "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
-        "train.time_budget_s=200",  # fresh clone: ~4 min setup + ~1 min model conversion + this + evals <= 10 min
+        "train.time_budget_s=300",  # fresh clone measured: setup ~2.5 min + conversion, load, evals ~1 min + this
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgrpo.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model built in code (seconds)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 50; --tiny: 4)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 60; --tiny: 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", default="addition", choices=["addition", "compare"])
     parser.add_argument("--output-dir", default="runs")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config
     from .trainer import train
 
-    steps = args.steps if args.steps is not None else (4 if args.tiny else 50)
+    steps = args.steps if args.steps is not None else (4 if args.tiny else 60)
     cfg = load_config(None, [*demo_overrides(args.tiny, steps, args.seed, args.output_dir, args.task),
                              *args.overrides])  # fmt: skip
     result = train(cfg)
