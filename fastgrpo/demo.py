@@ -53,7 +53,7 @@ def demo_overrides(tiny: bool, steps: int, seed: int, output_dir: str, task: str
         "model.lora.r=16",
         "model.lora.alpha=32",
         "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
-        "train.time_budget_s=300",  # fresh clone measured: setup ~2.5 min + conversion, load, evals ~1 min + this
+        "train.time_budget_s=300",  # fresh clone measured: setup 3 min + conversion, load, evals ~1 min + this
     ]
 
 
