@@ -213,6 +213,7 @@ class LossConfig:
     dual_clip: float | None = None
     beta: float = 0.0
     entropy_coef: float = 0.0
+    kl_bias_correction: bool = False  # KL term times the importance ratio (TRL's use_bias_correction_kl)
     mask_truncated: bool = False
     chunk_size: int | None = None
     backend: str = "auto"

@@ -29,6 +29,7 @@ class GRPOLoss(nn.Module):
         dual_clip: float | None = None,
         beta: float = 0.0,
         entropy_coef: float = 0.0,
+        kl_bias_correction: bool = False,
         temperature: float = 1.0,
         max_completion_length: int | None = None,
         chunk_size: int | None = None,
@@ -44,6 +45,7 @@ class GRPOLoss(nn.Module):
             dual_clip=dual_clip,
             beta=beta,
             entropy_coef=entropy_coef,
+            kl_bias_correction=kl_bias_correction,
         )
         self.config.validate()
         self.temperature = temperature

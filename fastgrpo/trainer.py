@@ -758,6 +758,7 @@ class Trainer:
                 out = grpo_loss(
                     hidden, weight, mb.targets, a, mask=tok_mask, cu_seqlens=mb.completion_cu_seqlens,
                     old_logp=old_logp[k], ref_logp=ref_logp[k] if cfg.loss.beta > 0 else None, beta=cfg.loss.beta,
+                    kl_bias_correction=cfg.loss.kl_bias_correction,
                     loss_type=lt, importance_level=cfg.loss.importance_level, eps_low=cfg.loss.eps_low,
                     eps_high=cfg.loss.eps_high, delta=cfg.loss.delta, dual_clip=cfg.loss.dual_clip,
                     temperature=temperature, entropy_coef=cfg.loss.entropy_coef,

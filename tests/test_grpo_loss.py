@@ -21,7 +21,7 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
 # ------------------------------------------------------------------------------------------------------------
 def trl_loss(logits, y, mask, adv, *, old=None, ref=None, beta=0.0, loss_type="dapo", level="token",
              eps_low=0.2, eps_high=0.2, delta=None, max_len=None, num_items=None, temperature=1.0,
-             entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05):  # fmt: skip
+             entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05, bias_kl=False):  # fmt: skip
     lsm = torch.log_softmax(logits / temperature, -1)
     logp = lsm.gather(-1, y[..., None]).squeeze(-1)
     ent = -(lsm.exp() * lsm).sum(-1)
@@ -30,6 +30,11 @@ def trl_loss(logits, y, mask, adv, *, old=None, ref=None, beta=0.0, loss_type="d
     lw = lr if level == "token" else ((lr * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
     c1 = torch.exp(lw)
     a = adv[:, None] if adv.dim() == 1 else adv
+    if beta != 0.0:  # TRL computes the KL first: its bias correction uses the ratio before the delta clamp
+        d = ref - logp
+        kl = torch.exp(d) - d - 1
+        if bias_kl:
+            kl = kl * c1
     if loss_type == "cispo":
         ptl = -torch.clamp(c1, max=eps_high).detach() * a * logp
     elif loss_type == "sapo":
@@ -41,8 +46,7 @@ def trl_loss(logits, y, mask, adv, *, old=None, ref=None, beta=0.0, loss_type="d
             c1 = torch.clamp(c1, max=delta)
         ptl = -torch.min(c1 * a, c2 * a)
     if beta != 0.0:
-        d = ref - logp
-        ptl = ptl + beta * (torch.exp(d) - d - 1)
+        ptl = ptl + beta * kl
     if loss_type in ("grpo", "sapo"):
         loss = ((ptl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
@@ -87,6 +91,8 @@ CASES = [dict(loss_type=lt, importance_level=lvl) for lt in LOSS_TYPES for lvl i
     dict(loss_type="dapo", importance_level="token", dual_clip=3.0, eps_high=0.28),
     dict(loss_type="bnpo", importance_level="token", entropy_coef=0.01),
     dict(loss_type="grpo", importance_level="sequence", eps_low=3e-4, eps_high=4e-4),
+    dict(loss_type="dapo", importance_level="token", delta=1.5, eps_high=0.28, kl_bias_correction=True),
+    dict(loss_type="grpo", importance_level="sequence", kl_bias_correction=True),
 ]
 
 
@@ -136,6 +142,7 @@ def test_reference_equals_trl_formulas(gen, case, beta):
         num_items=17,
         temperature=0.9,
         entropy_coef=kw.get("entropy_coef", 0.0),
+        bias_kl=kw.get("kl_bias_correction", False),
     )
     theirs.backward()
     if "dual_clip" in kw:  # TRL has no dual clip: only check it changed something or nothing (A >= 0 rows)

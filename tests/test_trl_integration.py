@@ -165,12 +165,14 @@ class _Attrs:
         self.t.model.train()
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize(
+    "beta,bias_kl", [(0.0, False), (0.04, False), (0.04, True)], ids=["no-kl", "kl", "kl-bias-corrected"]
+)
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
-def test_loss_and_grads_match_trl(env, loss_type, beta):
+def test_loss_and_grads_match_trl(env, loss_type, beta, bias_kl):
     trainer, inputs = env
     attrs = {"loss_type": loss_type, "beta": beta, "current_gradient_accumulation_steps": 1}
-    with _Attrs(trainer, attrs):
+    with _Attrs(trainer, attrs, {"use_bias_correction_kl": bias_kl}):
         (l_a, _, m_a), _ = _compare(trainer, inputs)
     assert l_a.abs().item() > 1e-3  # a loss that is not trivially zero
     assert ("kl" in m_a["train"]) == (beta != 0)
@@ -188,6 +190,15 @@ CASES = {
         {},
     ),
     "clip_higher_delta": ({"loss_type": "dapo", "beta": 0.04, "epsilon_high": 0.28}, {"delta": 1.5}),
+    # TRL 1.16's default KL: times the unclamped ratio (here a sequence-level one, and with delta)
+    "gspo_kl_bias_corrected": (
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.04},
+        {"use_bias_correction_kl": True},
+    ),
+    "delta_kl_bias_corrected": (
+        {"loss_type": "dapo", "beta": 0.04, "epsilon_high": 0.28},
+        {"delta": 1.5, "use_bias_correction_kl": True},
+    ),
     "cispo": ({"loss_type": "cispo", "epsilon_high": 1.2}, {}),
     "sapo": ({"loss_type": "sapo"}, {}),
     # dapo's normaliser under accumulation: num_items / processes * accumulation steps / steps_per_generation
@@ -275,9 +286,6 @@ def test_lora_model_matches_trl(tmp_path):
 
 def test_unsupported_options_raise(env):
     trainer, inputs = env
-    with _Attrs(trainer, {"beta": 0.04}, {"use_bias_correction_kl": True}):
-        with pytest.raises(NotImplementedError, match="use_bias_correction_kl"):
-            fg_trl.fastgrpo_compute_loss(trainer, trainer.model, inputs)
     with _Attrs(trainer, {"loss_type": "luspo"}):
         with pytest.raises(NotImplementedError, match="luspo"):
             fg_trl.patch_trainer(trainer)

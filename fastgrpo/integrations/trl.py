@@ -15,7 +15,8 @@ gradients (to fp32 rounding), same logged metrics. Two ways to use it::
 
 What is honoured, read from the trainer at every call (so changing ``trainer.beta`` etc. takes effect):
 ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` with TRL's default temperatures),
-``beta`` (k3 KL against ``ref_per_token_logps``), ``epsilon`` / ``epsilon_high``, ``delta``,
+``beta`` (k3 KL against ``ref_per_token_logps``) with ``use_bias_correction_kl`` (the KL term times the
+importance ratio, TRL 1.16's default), ``epsilon`` / ``epsilon_high``, ``delta``,
 ``importance_sampling_level`` (GSPO), ``temperature`` (and a model's ``logit_scale``), ``max_completion_length``,
 ``num_items_in_batch`` with TRL's rescaling (``/ num_processes``, ``· gradient_accumulation_steps /
 steps_per_generation`` in training), the gradient-accumulation divisor of the other loss types, the tool mask,
@@ -26,8 +27,7 @@ per-token log-probs and entropies the op returns, with TRL's reductions.
 
 Not supported (a ``NotImplementedError`` says so at patch time and at every call, never a silent fallback):
 ``loss_type`` ``luspo`` / ``vespo``; ``top_entropy_quantile < 1``; ``off_policy_mask_threshold``;
-``use_bias_correction_kl=True`` when ``beta != 0`` (TRL 1.16's default: the KL term multiplied by the importance
-ratio; pass ``use_bias_correction_kl=False`` to use a KL term with the drop-in); the adaptive entropy controller; MoE router auxiliary losses; final-logit soft-capping
+the adaptive entropy controller; MoE router auxiliary losses; final-logit soft-capping
 (Gemma 2/3); sapo temperatures other than (1.0, 1.05); DeepSpeed ZeRO-3 and FSDP-sharded LM heads;
 vision-language models (the backbone must be ``model.base_model`` of a causal LM).
 """
@@ -137,9 +137,6 @@ def check_supported(trainer) -> None:
         no("top_entropy_quantile < 1 (the entropy mask needs the entropies before the loss pass)")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
         no("off_policy_mask_threshold")
-    if trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
-        # TRL 1.16's default: the KL term times the (differentiable) importance ratio
-        no("use_bias_correction_kl=True with beta != 0 (TRL's default; set use_bias_correction_kl=False)")
     if getattr(trainer, "use_adaptive_entropy", False):
         no("the adaptive entropy controller (use_adaptive_entropy)")
     if getattr(trainer, "aux_loss_enabled", False):
@@ -237,6 +234,7 @@ def fastgrpo_compute_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any
             old_logp=old,
             ref_logp=ref,
             beta=beta,
+            kl_bias_correction=_bias_corrected_kl(args),
             loss_type=loss_type,
             importance_level=trainer.importance_sampling_level,
             eps_low=trainer.epsilon_low,
@@ -253,6 +251,11 @@ def fastgrpo_compute_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any
     loss = res.loss / divisor
     _log_metrics(trainer, mode, res, inputs, mask, per_token_adv, old, ref, op_entropy_coef, loss_type)
     return loss
+
+
+def _bias_corrected_kl(args) -> bool:
+    """TRL's ``use_bias_correction_kl`` (default True in 1.16; absent before): the KL term times the ratio."""
+    return bool(getattr(args, "use_bias_correction_kl", False))
 
 
 def _log_metrics(trainer, mode, res, inputs, mask, advantages, old, ref, op_entropy_coef, loss_type) -> None:
@@ -293,7 +296,8 @@ def _log_metrics(trainer, mode, res, inputs, mask, advantages, old, ref, op_entr
 
     if trainer.beta != 0.0:
         d = ref - logp
-        metrics["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
+        kl = torch.exp(d) - d - 1
+        metrics["kl"].append(global_masked_mean(kl * coef_1 if _bias_corrected_kl(trainer.args) else kl))
     metrics["entropy"].append(global_masked_mean(entropies))
 
     if loss_type in _CLIPPED_TYPES:

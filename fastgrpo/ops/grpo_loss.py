@@ -10,7 +10,9 @@ Per token ``t`` of sequence ``i`` (TRL's definitions; ALGORITHMS.md section 0)::
     cispo: l = -sg[min(r, eps_high)] A logp
     sapo:  l = -sigmoid(tau (r - 1)) 4 / tau A,   tau = tau_pos if A > 0 else tau_neg
     COPO blend w:  l = (1 - w) l(A_global) + w l(A_local)      (one shared ratio)
-    KL (k3, beta > 0):  l += beta (exp(ref - logp) - (ref - logp) - 1)
+    KL (k3, beta > 0):  l += beta k,  k = exp(ref - logp) - (ref - logp) - 1
+             kl_bias_correction: k *= r (the unclamped, differentiable ratio; TRL's use_bias_correction_kl,
+             DeepSeek-V3.2: the unbiased reverse-KL gradient under off-policy samples)
 
 Aggregation (``loss_type``), over the valid (mask) tokens of ``B`` sequences::
 
@@ -84,6 +86,7 @@ class LossConfig:
     dual_clip: float | None = None
     beta: float = 0.0
     entropy_coef: float = 0.0
+    kl_bias_correction: bool = False
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
 
@@ -182,6 +185,8 @@ def token_terms(logp: Tensor, tb: TokenBatch, cfg: LossConfig) -> tuple[Tensor, 
     if tb.ref_logp is not None:
         d = tb.ref_logp - logp
         kl = torch.exp(d) - d - 1.0
+        if cfg.kl_bias_correction:
+            kl = kl * ratio
         if cfg.beta != 0.0:
             loss = loss + cfg.beta * kl
     return loss, ratio, kl
@@ -425,17 +430,8 @@ class FusedLinearGRPOLossFunction(torch.autograd.Function):
         return scale(d_h), scale(d_w), scale(d_b), None, None, None, None, None, None, None
 
 
-def _validate_common(loss_type, importance_level, eps_low, eps_high, delta, dual_clip, beta, entropy_coef):
-    cfg = LossConfig(
-        loss_type=loss_type,
-        importance_level=importance_level,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        delta=delta,
-        dual_clip=dual_clip,
-        beta=beta,
-        entropy_coef=entropy_coef,
-    )
+def _validate_common(**kwargs) -> LossConfig:
+    cfg = LossConfig(**kwargs)
     cfg.validate()
     return cfg
 
@@ -451,6 +447,7 @@ def grpo_loss(
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     beta: float = 0.0,
+    kl_bias_correction: bool = False,
     loss_type: str = "dapo",
     importance_level: str = "token",
     eps_low: float = 0.2,
@@ -475,12 +472,21 @@ def grpo_loss(
     any id (e.g. -100). ``advantages``: per sequence ``[B]`` or per token (the leading shape); with ``blend``
     (COPO) a pair ``(A_global, A_local)`` and ``blend`` the per-sequence (or per-token) weight of the local loss.
     ``old_logp`` / ``ref_logp``: per-token log-probs of the behaviour / reference policy (``old_logp=None``:
-    on-policy, ratio 1 with the gradient of logp). ``num_items_in_batch``: the ``dapo``/``cispo`` normaliser
+    on-policy, ratio 1 with the gradient of logp). ``kl_bias_correction``: the KL term times the importance
+    ratio (TRL's ``use_bias_correction_kl``). ``num_items_in_batch``: the ``dapo``/``cispo`` normaliser
     (the global token count under gradient accumulation / data parallelism). See the module docstring for the
     math of every option. Returns a :class:`GRPOLossOutput`.
     """
     cfg = _validate_common(
-        loss_type, importance_level, eps_low, eps_high, delta, dual_clip, beta, entropy_coef
+        loss_type=loss_type,
+        importance_level=importance_level,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        dual_clip=dual_clip,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        kl_bias_correction=kl_bias_correction,
     )
     prepare_linear_inputs(hidden, weight, targets, bias, temperature)
     dev = hidden.device
@@ -580,6 +586,7 @@ def grpo_loss_from_logits(
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     beta: float = 0.0,
+    kl_bias_correction: bool = False,
     loss_type: str = "dapo",
     importance_level: str = "token",
     eps_low: float = 0.2,
@@ -601,7 +608,15 @@ def grpo_loss_from_logits(
     ``logits`` itself when ``inplace=True`` (the caller's logits are then destroyed by the backward).
     """
     cfg = _validate_common(
-        loss_type, importance_level, eps_low, eps_high, delta, dual_clip, beta, entropy_coef
+        loss_type=loss_type,
+        importance_level=importance_level,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        delta=delta,
+        dual_clip=dual_clip,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        kl_bias_correction=kl_bias_correction,
     )
     check_float("logits", logits)
     if logits.dim() not in (2, 3) or tuple(targets.shape) != tuple(logits.shape[:-1]):
