@@ -237,8 +237,13 @@ def bench_shared_prompt(name, model, tok, device, smoke, timing, rows) -> bool:
     with torch.no_grad():
         err = (fns["shared"]() - fns["plain"]()).abs().max().item()
     rows.append(row(op, "shared", "max_err", "abs", x_name, x_value, err, device))
-    print(f"  check {'ok  ' if err <= 1e-5 else 'FAIL'} shared vs plain max |Δ logp| = {err:.2e}")
-    if err > 1e-5:
+    # tiny model: 1e-5. SmolLM2 (30 fp32 layers): any two attention layouts differ by ~3e-5 (packed vs padded
+    # above), so it gets the padding check's 1e-4
+    tol = 1e-5 if name == "tiny" else 1e-4
+    print(
+        f"  check {'ok  ' if err <= tol else 'FAIL'} shared vs plain max |Δ logp| = {err:.2e} (budget {tol:g})"
+    )
+    if err > tol:
         return False
     times = {}
     for k, fn in fns.items():
