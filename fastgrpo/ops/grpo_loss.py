@@ -31,7 +31,7 @@ Sequence-level ratios need every token of a sequence first, so they (and the ful
 ``linear_logprobs`` (forward) and an autograd backward over the same token terms (8·N·D·V FLOPs).
 
 Metrics (detached): ``logp`` and ``entropy`` per token in the input layout (0 on masked tokens), ``kl`` (token
-mean of the k3 estimate, when ``ref_logp`` is given), ``clip_frac_low`` / ``clip_frac_high`` (token fraction with
+mean of the k3 estimate, when ``ref_logp`` is given; times ``r`` with ``kl_bias_correction``, as TRL logs it), ``clip_frac_low`` / ``clip_frac_high`` (token fraction with
 ``r < 1 - eps_low and A < 0`` / ``r > 1 + eps_high and A > 0``; ``cispo``: ``r > eps_high and A > 0`` in
 ``clip_frac_high``; with a blend, the local advantage decides), ``ratio_mean`` (token mean of ``r``).
 """
