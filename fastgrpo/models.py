@@ -127,8 +127,9 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then every submodule's own ``training`` flag restored."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every submodule's own ``training`` flag restored (reference forward
+    passes here, generation in ``fastgrpo.rollout``)."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -292,19 +293,19 @@ class ReferenceModel:
         )
         model = self.module()
         if self.mode == "adapter-off":
-            with model.disable_adapter(), _eval_mode(model):
+            with model.disable_adapter(), eval_mode(model):
                 return packed_logprobs(model, batch, **kw)
         if self.mode == "ema" and self.ema.model is None:
-            with self.ema.swapped_in(model), _eval_mode(model):
+            with self.ema.swapped_in(model), eval_mode(model):
                 return packed_logprobs(model, batch, **kw)
         if self.mode == "offload":
             return self._offloaded_logprobs(model, batch, kw)
         device = _model_device(model)
         if device == batch.device:
-            with _eval_mode(model):
+            with eval_mode(model):
                 return packed_logprobs(model, batch, **kw)
         # e.g. an EMA shadow kept on the CPU (EMAReference(device="cpu")): run where the weights are
-        with _eval_mode(model):
+        with eval_mode(model):
             result = packed_logprobs(model, batch.to(device), **kw)
         return (
             tuple(r.to(batch.device) for r in result)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ._backends import BackendUnavailable
+from .models import eval_mode
 from .packing import PackedBatch, pack, pack_shared_prompt
 
 logger = logging.getLogger(__name__)
@@ -285,17 +286,6 @@ class _StopStrings:
         return hit
 
 
-@contextlib.contextmanager
-def _generation_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def generate_rollouts(
     model: nn.Module | VLLMEngine,
     tokenizer: Any,
@@ -378,7 +368,7 @@ def generate_rollouts(
         if rng is not None:
             stack.enter_context(rng)
             torch.manual_seed(params.seed)
-        stack.enter_context(_generation_mode(model))
+        stack.enter_context(eval_mode(model))
         stack.enter_context(torch.no_grad())
         sequences = model.generate(**gen_kwargs)
     completion_ids = sequences[:, longest:]
