@@ -36,18 +36,7 @@ class GRPOLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.config = LossConfig(
-            loss_type=loss_type,
-            importance_level=importance_level,
-            eps_low=eps_low,
-            eps_high=eps_high,
-            delta=delta,
-            dual_clip=dual_clip,
-            beta=beta,
-            entropy_coef=entropy_coef,
-            kl_bias_correction=kl_bias_correction,
-        )
-        self.config.validate()
+        self.config = LossConfig.from_args(locals())
         self.temperature = temperature
         self.max_completion_length = max_completion_length
         self.chunk_size = chunk_size

@@ -39,7 +39,8 @@ mean of the k3 estimate, when ``ref_logp`` is given; times ``r`` with ``kl_bias_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,6 +94,14 @@ class LossConfig:
     @property
     def eps_hi(self) -> float:
         return self.eps_low if self.eps_high is None else self.eps_high
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> LossConfig:
+        """The validated config of an entry point's arguments (its ``locals()``): every field found there, the
+        defaults for the rest. One place maps the public keyword arguments onto the config."""
+        cfg = cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args})
+        cfg.validate()
+        return cfg
 
     def validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -430,12 +439,6 @@ class FusedLinearGRPOLossFunction(torch.autograd.Function):
         return scale(d_h), scale(d_w), scale(d_b), None, None, None, None, None, None, None
 
 
-def _validate_common(**kwargs) -> LossConfig:
-    cfg = LossConfig(**kwargs)
-    cfg.validate()
-    return cfg
-
-
 def grpo_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -477,17 +480,7 @@ def grpo_loss(
     (the global token count under gradient accumulation / data parallelism). See the module docstring for the
     math of every option. Returns a :class:`GRPOLossOutput`.
     """
-    cfg = _validate_common(
-        loss_type=loss_type,
-        importance_level=importance_level,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        delta=delta,
-        dual_clip=dual_clip,
-        beta=beta,
-        entropy_coef=entropy_coef,
-        kl_bias_correction=kl_bias_correction,
-    )
+    cfg = LossConfig.from_args(locals())
     prepare_linear_inputs(hidden, weight, targets, bias, temperature)
     dev = hidden.device
     lead = tuple(targets.shape)
@@ -607,17 +600,7 @@ def grpo_loss_from_logits(
     Reads the logits once in the forward; the backward writes ``dL/dlogits`` into a new buffer, or into
     ``logits`` itself when ``inplace=True`` (the caller's logits are then destroyed by the backward).
     """
-    cfg = _validate_common(
-        loss_type=loss_type,
-        importance_level=importance_level,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        delta=delta,
-        dual_clip=dual_clip,
-        beta=beta,
-        entropy_coef=entropy_coef,
-        kl_bias_correction=kl_bias_correction,
-    )
+    cfg = LossConfig.from_args(locals())
     check_float("logits", logits)
     if logits.dim() not in (2, 3) or tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
