@@ -75,48 +75,30 @@ void check_targets_in_range(const char* op, const at::Tensor& targets, int64_t V
 
 }  // namespace
 
-Tensor3 lse_logp_entropy_cpu(const at::Tensor& z, const at::Tensor& targets_in, double inv_temp) {
+Tensor3 lse_logp_entropy_cpu(const at::Tensor& z, const at::Tensor& targets, double inv_temp) {
   constexpr const char* op = "fastgrpo::lse_logp_entropy";
-  epilogue::check_fwd_args(op, z, targets_in, inv_temp);
-  const at::Tensor targets = targets_in.contiguous();
+  epilogue::check_fwd_args(op, z, targets, inv_temp);
+  const epilogue::FwdCall call = epilogue::fwd_call(z, targets, inv_temp);
   const int64_t C = z.size(0), V = z.size(1);
-  check_targets_in_range(op, targets, V);
-  auto opts = z.options().dtype(at::kFloat);
-  at::Tensor lse = z.new_empty({C}, opts), logp = z.new_empty({C}, opts), entropy = z.new_empty({C}, opts);
-  if (C == 0) return {lse, logp, entropy};
-
-  const epilogue::FwdArgs args{z.data_ptr(), epilogue::ztype_of(z), targets.data_ptr<int64_t>(), V,
-                               static_cast<float>(inv_temp), lse.data_ptr<float>(), logp.data_ptr<float>(),
-                               entropy.data_ptr<float>()};
-  const auto fn = fwd_fn();
-  at::parallel_for(0, C, grain_rows(V), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
-  return {lse, logp, entropy};
+  check_targets_in_range(op, call.targets, V);
+  if (C > 0) {
+    const auto fn = fwd_fn();
+    at::parallel_for(0, C, grain_rows(V), [&](int64_t begin, int64_t end) { fn(call.args, begin, end); });
+  }
+  return {call.lse, call.logp, call.entropy};
 }
 
-void logits_grad_cpu(const at::Tensor& z, const at::Tensor& targets_in, const at::Tensor& lse_in,
-                     const at::Tensor& entropy_in, const at::Tensor& c_logp_in,
-                     const std::optional<at::Tensor>& c_ent_in, double inv_temp) {
+void logits_grad_cpu(const at::Tensor& z, const at::Tensor& targets, const at::Tensor& lse,
+                     const at::Tensor& entropy, const at::Tensor& c_logp, const std::optional<at::Tensor>& c_ent,
+                     double inv_temp) {
   constexpr const char* op = "fastgrpo::logits_grad_";
-  epilogue::check_bwd_args(op, z, targets_in, lse_in, entropy_in, c_logp_in, c_ent_in, inv_temp);
-  const at::Tensor targets = targets_in.contiguous();
+  epilogue::check_bwd_args(op, z, targets, lse, entropy, c_logp, c_ent, inv_temp);
+  const epilogue::BwdCall call = epilogue::bwd_call(z, targets, lse, entropy, c_logp, c_ent, inv_temp);
   const int64_t C = z.size(0), V = z.size(1);
-  check_targets_in_range(op, targets, V);
+  check_targets_in_range(op, call.targets, V);
   if (C == 0) return;
-  const at::Tensor lse = lse_in.contiguous(), entropy = entropy_in.contiguous(), c_logp = c_logp_in.contiguous();
-  at::Tensor c_ent;
-  if (c_ent_in.has_value()) c_ent = c_ent_in->contiguous();
-
-  const epilogue::BwdArgs args{z.data_ptr(),
-                               epilogue::ztype_of(z),
-                               targets.data_ptr<int64_t>(),
-                               lse.data_ptr<float>(),
-                               entropy.data_ptr<float>(),
-                               c_logp.data_ptr<float>(),
-                               c_ent.defined() ? c_ent.data_ptr<float>() : nullptr,
-                               V,
-                               static_cast<float>(inv_temp)};
   const auto fn = bwd_fn();
-  at::parallel_for(0, C, grain_rows(V), [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  at::parallel_for(0, C, grain_rows(V), [&](int64_t begin, int64_t end) { fn(call.args, begin, end); });
 }
 
 std::string cpu_kernel() {

@@ -1,4 +1,5 @@
-// Argument checks of the epilogue ops, shared by the CPU and CUDA glue (messages name the argument and shapes).
+// Argument checks of the epilogue ops and the marshalling of their kernel arguments, shared by the CPU and CUDA
+// glue (messages name the argument and shapes).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -58,6 +59,51 @@ inline void check_bwd_args(const char* op, const at::Tensor& z, const at::Tensor
   check_vec(op, "entropy", entropy, C, z);
   check_vec(op, "c_logp", c_logp, C, z);
   if (c_ent.has_value()) check_vec(op, "c_ent", *c_ent, C, z);
+}
+
+// The forward op's contiguous targets, its fp32 outputs [C] and the kernel arguments pointing into them. Keep it
+// alive until the kernel has run (the arguments are raw pointers into these tensors).
+struct FwdCall {
+  at::Tensor targets, lse, logp, entropy;
+  FwdArgs args;
+};
+
+inline FwdCall fwd_call(const at::Tensor& z, const at::Tensor& targets, double inv_temp) {
+  const auto opts = z.options().dtype(at::kFloat);
+  const int64_t C = z.size(0);
+  FwdCall c{targets.contiguous(), z.new_empty({C}, opts), z.new_empty({C}, opts), z.new_empty({C}, opts), {}};
+  c.args = FwdArgs{z.data_ptr(),
+                   ztype_of(z),
+                   c.targets.data_ptr<int64_t>(),
+                   z.size(1),
+                   static_cast<float>(inv_temp),
+                   c.lse.data_ptr<float>(),
+                   c.logp.data_ptr<float>(),
+                   c.entropy.data_ptr<float>()};
+  return c;
+}
+
+// The gradient op's inputs made contiguous and the kernel arguments pointing into them (same lifetime rule).
+struct BwdCall {
+  at::Tensor targets, lse, entropy, c_logp, c_ent;
+  BwdArgs args;
+};
+
+inline BwdCall bwd_call(const at::Tensor& z, const at::Tensor& targets, const at::Tensor& lse,
+                        const at::Tensor& entropy, const at::Tensor& c_logp, const std::optional<at::Tensor>& c_ent,
+                        double inv_temp) {
+  BwdCall c{targets.contiguous(), lse.contiguous(), entropy.contiguous(), c_logp.contiguous(),
+            c_ent.has_value() ? c_ent->contiguous() : at::Tensor(), {}};
+  c.args = BwdArgs{z.data_ptr(),
+                   ztype_of(z),
+                   c.targets.data_ptr<int64_t>(),
+                   c.lse.data_ptr<float>(),
+                   c.entropy.data_ptr<float>(),
+                   c.c_logp.data_ptr<float>(),
+                   c.c_ent.defined() ? c.c_ent.data_ptr<float>() : nullptr,
+                   z.size(1),
+                   static_cast<float>(inv_temp)};
+  return c;
 }
 
 }  // namespace fastgrpo::epilogue
