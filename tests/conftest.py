@@ -40,3 +40,26 @@ def assert_budget(out, gt, ref_lowp, dtype, what: str = "", factor: float = 2.0)
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def rand_ids(gen: torch.Generator, vocab: int, lens: list[int]) -> list[torch.Tensor]:
+    """Random token ids (ids 0-3 left free for special tokens), one tensor per length."""
+    return [torch.randint(4, vocab, (n,), generator=gen) for n in lens]
+
+
+def padded_logprobs(model, prompts, completions) -> torch.Tensor:
+    """``[M]`` log-probs of every completion token from a right-padded batch with full logits (log_softmax +
+    gather), in packing order; the model's current mode, differentiable."""
+    seqs = [torch.cat([p, c]) for p, c in zip(prompts, completions)]
+    t = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    mask = torch.zeros(len(seqs), t, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+        out.append(logp[i, pos, c])
+    return torch.cat(out)

@@ -7,6 +7,8 @@ import logging
 
 import pytest
 import torch
+from conftest import padded_logprobs as padded_reference
+from conftest import rand_ids
 
 from fastgrpo import _backends
 from fastgrpo.models import REFERENCE_MODES, ReferenceModel, cache_dir, load_causal_lm, module_bytes
@@ -19,29 +21,14 @@ TOL = 1e-5
 needs_bnb = pytest.mark.skipif(not _backends.HAS_BNB, reason="bitsandbytes is not installed")
 
 
-def rand_ids(gen, vocab, lens):
-    return [torch.randint(4, vocab, (n,), generator=gen) for n in lens]
-
-
 def padded_logprobs(model, prompts, completions) -> torch.Tensor:
-    """``[M]`` per completion token, right-padded batch, full logits, log_softmax + gather (eval, no grad)."""
-    seqs = [torch.cat([p, c]) for p, c in zip(prompts, completions)]
-    t = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), t, dtype=torch.long)
-    mask = torch.zeros(len(seqs), t, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    """The padded full-logits log-probs (conftest) in eval mode, without grad; the model's mode restored."""
     was = model.training
     model.eval()
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        out = padded_reference(model, prompts, completions)
     model.train(was)
-    return torch.cat(
-        [
-            logp[i, torch.arange(len(p) - 1, len(p) + len(c) - 1), c]
-            for i, (p, c) in enumerate(zip(prompts, completions))
-        ]
-    )
+    return out
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import padded_logprobs, rand_ids
 from transformers import Qwen2Model
 
 from fastgrpo import _backends
@@ -38,27 +39,6 @@ def models():
     return {
         impl: tiny_model(seed=0, attn_implementation=impl) for impl in ("sdpa", "eager", VARLEN_ATTENTION)
     }
-
-
-def rand_ids(gen: torch.Generator, vocab: int, lens: list[int]) -> list[torch.Tensor]:
-    return [torch.randint(4, vocab, (n,), generator=gen) for n in lens]
-
-
-def padded_logprobs(model, prompts, completions) -> torch.Tensor:
-    """``[M]`` log-probs of every completion token from a right-padded batch, in packing order."""
-    seqs = [torch.cat([p, c]) for p, c in zip(prompts, completions)]
-    t = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), t, dtype=torch.long)
-    mask = torch.zeros(len(seqs), t, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    out = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-        out.append(logp[i, pos, c])
-    return torch.cat(out)
 
 
 def padding_fraction(prompts, completions) -> float:
