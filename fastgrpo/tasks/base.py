@@ -13,22 +13,43 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Example", "Task", "ANSWER_INSTRUCTION", "one_shot", "render_prompt"]
+__all__ = ["Example", "Task", "ANSWER_INSTRUCTION", "message_text", "one_shot", "render_prompt"]
 
 ANSWER_INSTRUCTION = "Put the final answer in <answer></answer>."
 
 
 @dataclass
 class Example:
-    """One prompt. ``messages``: chat turns (``{"role", "content"}``) ending with the user's question."""
+    """One prompt. ``messages``: chat turns (``{"role", "content"}``) ending with the user's question.
 
-    messages: list[dict[str, str]]
+    A turn's ``content`` is a string, or (vision-language prompts) a list of parts in the Hugging Face chat
+    format: ``{"type": "text", "text": ...}``, ``{"type": "image"}``, ``{"type": "video"}``. ``images`` and
+    ``videos`` hold the media of the ``image`` / ``video`` parts in the order they appear in the messages
+    (an image: a PIL image, a file path or bytes; a video: a list of frames or a file path).
+    """
+
+    messages: list[dict[str, Any]]
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
 
     @property
     def question(self) -> str:
-        return self.messages[-1]["content"]
+        """The text of the last turn (its text parts joined, for a multimodal turn)."""
+        return message_text(self.messages[-1])
+
+    @property
+    def is_multimodal(self) -> bool:
+        return bool(self.images or self.videos)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A chat turn's text: its ``content`` string, or the ``text`` of its parts joined by newlines."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
 def one_shot(question: str, example_question: str, example_answer: str) -> list[dict[str, str]]:

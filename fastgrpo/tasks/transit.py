@@ -121,9 +121,6 @@ class TransitTask(Task):
             )
         self.types, self.difficulties = tuple(types), tuple(difficulties)
 
-    def _dedup_key(self, example: Example) -> str:
-        return example.messages[-1]["content"]
-
     def make(self, rng: random.Random) -> Example:
         difficulty = rng.choice(self.difficulties)
         metro = random_network(rng, *_SIZES[difficulty])
