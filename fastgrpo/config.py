@@ -23,14 +23,17 @@ lists and mappings work too (``--set model.lora.target_modules=[q_proj,v_proj]``
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from ._schema import ConfigError, build_dataclass, unknown_key
 
 __all__ = [
     "ConfigError",
@@ -59,10 +62,6 @@ __all__ = [
 
 # The demo's format reward: the completion contains <answer>...</answer> (DOTALL full match).
 ANSWER_TAGS_PATTERN = r".*<answer>.*?</answer>.*"
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the dotted key."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -141,7 +140,7 @@ class RewardTerm:
     """One reward term; the terms of ``rewards`` are summed with their weights.
 
     ``name``: a per-completion reward scheme of :mod:`fastgrpo.rewards.registry` (``accuracy``, ``format``,
-    ``dapo``, ``rewardmap``), a function registered with :func:`fastgrpo.trainer.register_reward`, or
+    ``dapo``, ``rewardmap``), a function registered with :func:`fastgrpo.rewards.register_reward`, or
     ``python:package.module:function`` (called as ``fn(completion_text, example) -> float``). ``params``
     are the scheme's typed parameters (``accuracy``: ``mode``; ``format``: ``pattern``, ``strip``; ...).
     """
@@ -302,20 +301,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
-        """Cross-field checks that a single field's type cannot express; returns ``self``."""
-        _positive(self, "rollout.group_size", "rollout.prompts_per_step", "rollout.max_new_tokens")
-        _positive(self, "train.steps", "train.num_iterations", "train.token_budget", "model.ema_every")
-        _non_negative(self, "train.save_every", "train.eval_every", "loss.beta", "optim.lr")
-        if self.rollout.temperature <= 0:
-            raise ConfigError(
-                f"rollout.temperature: must be > 0 (it divides the logits), got {self.rollout.temperature}"
-            )
+        """Every field's range (:data:`FIELD_RULES`; every number finite), then the checks across fields and
+        the schemes' parameters; returns ``self``. Runs when a config is loaded, before any model work."""
+        _check_fields(self)
         if not self.rewards:
             raise ConfigError("rewards: at least one reward term is needed")
-        if len(self.optim.betas) != 2:
-            raise ConfigError(f"optim.betas: needs two values, got {self.optim.betas}")
-        if not 0.0 < self.model.ema_decay < 1.0:
-            raise ConfigError(f"model.ema_decay: must be in (0, 1), got {self.model.ema_decay}")
         if self.advantage.care.enabled and self.model.reference not in ("auto", "ema"):
             raise ConfigError(
                 f"model.reference: GRPO-CARE (advantage.care.enabled) scores with the EMA reference; "
@@ -353,7 +343,6 @@ class Config:
 # Which registry scheme validates each params block (kind, key in the config).
 _SAMPLER_SCHEMES = {"random": "curriculum", "sequential": "curriculum", "curriculum": "curriculum",
                     "curriculum_gated": "gated_curriculum", "mmr1": "vas"}  # fmt: skip
-REWARD_SCHEMES = ("accuracy", "format", "dapo", "rewardmap")
 ADVANTAGE_SCHEMES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
@@ -368,6 +357,8 @@ def _check_params(key: str, scheme: str, params: dict) -> None:
 
 def _check_schemes(cfg: Config) -> None:
     """Scheme names and their params, validated against the registry's typed parameter dataclasses."""
+    from .rewards.terms import BUILTIN_TERMS
+
     for i, term in enumerate(cfg.rewards):
         if term.name.startswith("python:"):
             if ":" not in term.name[len("python:") :]:
@@ -375,9 +366,9 @@ def _check_schemes(cfg: Config) -> None:
                     f"rewards.{i}.name: expected python:package.module:function, got {term.name!r}"
                 )
             continue
-        if term.name in REWARD_SCHEMES:
+        if term.name in BUILTIN_TERMS:
             _check_params(f"rewards.{i}.params", term.name, term.params)
-        # other names may be functions registered in code (fastgrpo.trainer.register_reward): checked at build
+        # other names may be functions registered in code (fastgrpo.rewards.register_reward): checked at build
     adv = cfg.advantage
     if adv.scheme not in ADVANTAGE_SCHEMES:
         raise ConfigError(f"advantage.scheme: {adv.scheme!r} is not one of {list(ADVANTAGE_SCHEMES)}")
@@ -398,129 +389,82 @@ def _check_schemes(cfg: Config) -> None:
         _check_params("sampler.vps", "mmr1_vps", cfg.sampler.vps)
 
 
+def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> tuple[Callable, str]:
+    ok = lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    return ok, f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+
+#: the range of each field with one (dotted key -> (predicate, message)); every number must also be finite
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.ema_decay": _between(0.0, 1.0, lo_open=True, hi_open=True),
+    "model.ema_every": _POSITIVE,
+    "model.lora.r": _POSITIVE,
+    "model.lora.alpha": _POSITIVE,
+    "model.lora.dropout": _between(0.0, 1.0, hi_open=True),
+    "model.lora.target_modules": (lambda v: len(v) > 0, "must name at least one module"),
+    "task.num_train": _NON_NEGATIVE,
+    "task.num_eval": _NON_NEGATIVE,
+    "rollout.group_size": _POSITIVE,
+    "rollout.prompts_per_step": _POSITIVE,
+    "rollout.max_new_tokens": _POSITIVE,
+    "rollout.temperature": (lambda v: v > 0, "must be > 0 (it divides the logits)"),
+    "rollout.top_p": _between(0.0, 1.0, lo_open=True),
+    "rollout.top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "rollout.max_prompt_tokens": _POSITIVE,
+    "loss.beta": _NON_NEGATIVE,
+    "optim.lr": _NON_NEGATIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "needs two values in [0, 1)"),
+    "optim.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
+    "optim.warmup_steps": _NON_NEGATIVE,
+    "sampler.refresh_generations": _POSITIVE,
+    "filter.max_gen_batches": _POSITIVE,
+    "train.steps": _POSITIVE,
+    "train.num_iterations": _POSITIVE,
+    "train.token_budget": _POSITIVE,
+    "train.save_every": _NON_NEGATIVE,
+    "train.keep_last": (lambda v: v >= 0, "must be >= 0 (0 = keep every checkpoint)"),
+    "train.eval_every": _NON_NEGATIVE,
+    "train.eval_prompts": _NON_NEGATIVE,
+    "train.log_completions": _NON_NEGATIVE,
+    "train.time_budget_s": (lambda v: v >= 0, "must be >= 0 (0 = no budget)"),
+}
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
 
 
-def _positive(cfg: Config, *keys: str) -> None:
-    for key in keys:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+def _numbers(node: Any, prefix: str):
+    """``(dotted key, value)`` of every number in a config tree (dataclass fields, list items)."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _numbers(getattr(node, f.name), f"{prefix}{f.name}.")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _numbers(item, f"{prefix}{i}.")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield prefix[:-1], node
 
 
-def _non_negative(cfg: Config, *keys: str) -> None:
-    for key in keys:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+def _check_fields(cfg: Config) -> None:
+    for key, value in _numbers(cfg, ""):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+    for key, (ok, message) in FIELD_RULES.items():
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: {message}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with coercion
+# Loading
 # --------------------------------------------------------------------------------------------------------
-
-_TRUE = {"true", "yes", "on", "1", "y"}
-_FALSE = {"false", "no", "off", "0", "n"}
-_NONE = {"none", "null", "~", ""}
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None or (
-            isinstance(value, str) and value.strip().lower() in _NONE and type(None) in args
-        ):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        for choice in args:
-            if value == choice or (isinstance(value, str) and str(choice) == value):
-                return choice
-        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        (item_tp,) = args or (Any,)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if value is None:
-        raise ConfigError(f"{key}: a value is required (got null)")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover - schema bug
-
-
-def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{prefix}{name}: unknown key{hint} (valid keys: {', '.join(valid)})")
-
-
-def _build(cls: type, data: dict, key: str = "") -> Any:
-    prefix = f"{key}." if key else ""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in data.items():
-        if name not in names:
-            raise _unknown_key(cls, str(name), prefix)
-        kwargs[name] = _coerce(value, hints[name], prefix + name)
-    return cls(**kwargs)
 
 
 def config_from_dict(data: dict | None) -> Config:
@@ -529,7 +473,7 @@ def config_from_dict(data: dict | None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: the top level must be a mapping, got {type(data).__name__}")
-    return _build(Config, data).validate()
+    return build_dataclass(Config, data).validate()
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -551,7 +495,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {path} must hold a mapping at the top level")
-    cfg = _build(Config, data)
+    cfg = build_dataclass(Config, data)
     return apply_overrides(cfg, overrides)
 
 
@@ -568,7 +512,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         except yaml.YAMLError:
             value = raw
         _set_path(data, dotted, value)
-    return _build(Config, data).validate()
+    return build_dataclass(Config, data).validate()
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -589,7 +533,7 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
             continue
         if dataclasses.is_dataclass(cls):
             if part not in {f.name for f in dataclasses.fields(cls)}:
-                raise _unknown_key(cls, part, ".".join(parts[:depth]) + "." if depth else "")
+                raise unknown_key(cls, part, ".".join(parts[:depth]) + "." if depth else "")
             cls = typing.get_type_hints(cls)[part]
         elif not isinstance(node, dict):
             raise ConfigError(f"{here}: {'.'.join(parts[:depth])} is not a section")

@@ -98,6 +98,7 @@ __all__ = [
     "pack_padded",
     "plan_micro_batches",
     "pack_micro_batches",
+    "MicroBatch",
     "packed_forward",
     "packed_logprobs",
     "lm_head_of",
@@ -519,29 +520,84 @@ def plan_micro_batches(
         k += 1
 
 
+@dataclass
+class MicroBatch:
+    """One micro-batch of one rank: its packed row and, once the trainer's stages have filled them, what the loss
+    needs for it. ``B_mb`` sequences, ``M`` completion tokens (``rows.num_targets``).
+
+    Attributes:
+        index: global indices (into the rollout batch) of its ``B_mb`` sequences, in packing order; empty for a
+            padding micro-batch (rule 4 of :func:`plan_micro_batches`), whose ``rows`` is a one-token dummy row
+            that runs with weight 0 so every rank makes the same number of forward/backward calls.
+        rows: the packed row (:func:`pack` or :func:`pack_shared_prompt`).
+        loss_mask: ``[M]`` bool, tokens that enter the loss (None: all).
+        advantages: ``[B_mb]`` or ``[M]`` fp32, or the COPO pair ``(A_global, A_local)``.
+        blend: ``[B_mb]`` COPO weight of the local loss, or None.
+        old_logp, ref_logp: ``[M]`` fp32 behaviour / reference log-probs, or None.
+    """
+
+    index: list[int]
+    rows: PackedBatch
+    loss_mask: Tensor | None = None
+    advantages: Tensor | tuple[Tensor, Tensor] | None = None
+    blend: Tensor | None = None
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+
+    @property
+    def is_padding(self) -> bool:
+        return not self.index
+
+    @property
+    def num_loss_tokens(self) -> int:
+        if self.is_padding:
+            return 0
+        return self.rows.num_targets if self.loss_mask is None else int(self.loss_mask.sum())
+
+
 def pack_micro_batches(
     prompts: Sequence[TokenIds],
     completions: Sequence[TokenIds],
     token_budget: int,
     *,
+    shared_prompt: bool = False,
+    group_size: int = 1,
     rank: int = 0,
     num_ranks: int = 1,
+    pad_id: int = 0,
     device: torch.device | str | None = None,
-) -> list[tuple[list[int], PackedBatch | None]]:
-    """:func:`plan_micro_batches` + :func:`pack` for one rank: ``[(item indices, packed row or None), ...]``.
+) -> list[MicroBatch]:
+    """This rank's token-budget micro-batches of a rollout batch (:func:`plan_micro_batches` + packing).
 
-    ``None`` stands for an empty micro-batch (rule 4 of :func:`plan_micro_batches`).
+    ``prompts`` / ``completions``: one pair per sequence, ``B`` in all. With ``shared_prompt`` the sequences are
+    ``B / group_size`` groups of ``group_size`` consecutive sequences sharing one prompt (the rollout's
+    prompt-major order); whole groups are planned and packed behind one copy of their prompt
+    (:func:`pack_shared_prompt`), so the prompt runs once, not ``G`` times. Otherwise each sequence is an item
+    (:func:`pack`). A rank with fewer items than micro-batches gets padding micro-batches (see
+    :class:`MicroBatch`), built from ``pad_id``.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
     if not 0 <= rank < num_ranks:
         raise ValueError(f"rank={rank} must lie in [0, num_ranks={num_ranks})")
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    g = group_size if shared_prompt else 1
+    if g < 1 or len(prompts) % g:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the {len(prompts)} sequences")
+    firsts = range(0, len(prompts), g)
+    lengths = [len(prompts[i]) + sum(len(c) for c in completions[i : i + g]) for i in firsts]
     plan = plan_micro_batches(lengths, token_budget, num_ranks=num_ranks)[rank]
-    return [
-        (idx, pack([prompts[i] for i in idx], [completions[i] for i in idx], device=device) if idx else None)
-        for idx in plan
-    ]
+    out = []
+    for items in plan:
+        index = [i * g + j for i in items for j in range(g)]
+        if not items:
+            rows = pack([[pad_id]], [[pad_id]], device=device)
+        elif shared_prompt:
+            rows = pack_shared_prompt([prompts[i * g] for i in items],
+                                      [completions[i * g : (i + 1) * g] for i in items], device=device)  # fmt: skip
+        else:
+            rows = pack([prompts[i] for i in index], [completions[i] for i in index], device=device)
+        out.append(MicroBatch(index, rows))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -559,6 +615,11 @@ class LMHead:
     weight: Tensor
     bias: Tensor | None
     scale: float = 1.0
+
+    def logit_temperature(self, temperature: float) -> float:
+        """The temperature to pass with ``weight`` / ``bias`` so that the logits are ``scale * (h W^T + b) / t``
+        (the scale folded in: ``t / scale``)."""
+        return temperature / self.scale
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -859,7 +920,7 @@ def packed_logprobs(
         head.weight,
         batch.targets,
         bias=head.bias,
-        temperature=temperature / head.scale,
+        temperature=head.logit_temperature(temperature),
         return_entropy=return_entropy,
         chunk_size=chunk_size,
         backend=backend,

@@ -50,6 +50,7 @@ __all__ = [
     "GroupFilterResult",
     "dynamic_group_filter",
     "DynamicSamplingBuffer",
+    "PromptStream",
 ]
 
 REWARDMAP_STAGES: tuple[tuple[str, ...], ...] = (
@@ -573,3 +574,47 @@ class DynamicSamplingBuffer:
             out[k] = torch.cat(vals) if isinstance(vals[0], Tensor) else [x for v in vals for x in v]
         self.reset()
         return out
+
+
+class PromptStream:
+    """The training loop's view of a sampler: :meth:`next` draws prompt indices across epochs, :meth:`observe`
+    reports each step's rewards to samplers that learn from them; the state lives in the sampler.
+
+    Samplers: a :class:`CurriculumSampler` is restarted with a new epoch (a reshuffle within stages) when it
+    runs out; a batch sampler (:class:`VarianceAwareSampler`) gives whole batches; a sampler with an
+    ``update(indices, rewards)`` method (:class:`PerformanceGatedCurriculumSampler`) is fed the mean reward
+    of each prompt's group after every step.
+    """
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+
+    def next(self, k: int) -> list[int]:
+        if isinstance(self.sampler, VarianceAwareSampler):
+            return self.sampler.next_batch()
+        out: list[int] = []
+        while len(out) < k:
+            got = 0
+            for i in iter(self.sampler):
+                out.append(i)
+                got += 1
+                if len(out) == k:
+                    break
+            else:
+                if isinstance(self.sampler, CurriculumSampler):  # epoch finished: reshuffle within stages
+                    self.sampler.set_epoch(self.sampler.epoch + 1)
+                elif got == 0:
+                    raise RuntimeError("the prompt sampler is exhausted")
+        return out
+
+    def observe(self, indices: Sequence[int], group_rewards: Tensor) -> None:
+        """After a step: ``indices`` of the prompts trained on and their groups' mean rewards ``[P]``."""
+        update = getattr(self.sampler, "update", None)
+        if callable(update):
+            update(indices, group_rewards)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

@@ -4,14 +4,14 @@ One step (:meth:`Trainer.train_step`)::
 
     prompts   <- sampler (uniform / curriculum / MMR1 variance-aware), the same on every rank
     rollouts  <- G completions per prompt, each rank generating its share      (fastgrpo.rollout)
-    rewards   <- sum_k weight_k * scheme_k(completion, example)                (fastgrpo.rewards registry)
+    rewards   <- sum_k weight_k * term_k(completion, example)                  (fastgrpo.rewards.terms)
     [DAPO]       drop groups with equal rewards, generate more prompts, keep exactly P groups
     pack      <- token-budget micro-batches, balanced over ranks                (fastgrpo.packing)
-    ref / old <- reference log-probs (KL, CARE), behaviour log-probs (num_iterations > 1)
-    [CARE]       consistency bonus from the EMA reference's answer confidence
-    advantage <- group-relative (GRPO / Dr. GRPO / RLOO), COPO pair + blend, PRM step advantages
+    ref / old <- reference log-probs (KL, schemes that need them), behaviour log-probs (num_iterations > 1)
+    advantage <- the advantage pipeline: reward shaping (CARE bonus), group-relative estimator, advantage
+                 shaping (COPO pair + blend, PRM token advantages)             (fastgrpo.rewards.shaping)
     update    <- num_iterations x (grpo_loss over the micro-batches, gradient accumulation, optimizer step)
-    after     <- EMA reference step, sampler refresh, metrics, checkpoint
+    after     <- EMA reference step, sampler feedback, metrics, checkpoint
 
 Every rank holds the whole rollout batch after generation (completions are gathered), so advantages and
 group statistics are computed identically everywhere and only the micro-batches differ; the ``dapo``
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -44,26 +43,16 @@ from .config import Config, ConfigError, config_to_dict
 from .models import ReferenceModel, load_causal_lm
 from .observability import MetricsLogger, PhaseTimer, peak_memory_mb, plot_run, read_metrics, reward_summary
 from .ops import grpo_loss
-from .packing import (
-    PackedBatch,
-    lm_head_of,
-    pack,
-    pack_micro_batches,
-    pack_shared_prompt,
-    packed_forward,
-    packed_logprobs,
-    plan_micro_batches,
-)
-from .rewards import RewardMapSample, answer_span_mask, extract_answer
-from .rewards.prm import ArithmeticStepVerifier
+from .packing import MicroBatch, PackedBatch, lm_head_of, pack_micro_batches, packed_forward, packed_logprobs
 from .rewards.registry import build_scheme
+from .rewards.shaping import AdvantagePipeline, RolloutGroups
+from .rewards.terms import RewardTerms, register_reward
 from .rollout import SamplingParams, generate_rollouts
 from .sampling import (
     REWARDMAP_STAGES,
-    CurriculumSampler,
     DynamicSamplingBuffer,
     PerformanceGatedCurriculumSampler,
-    VarianceAwareSampler,
+    PromptStream,
     stages_from_labels,
 )
 from .tasks import Example, build_task, render_prompt
@@ -71,67 +60,6 @@ from .tasks import Example, build_task, render_prompt
 logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer", "RunResult", "train", "evaluate_run", "register_reward", "make_accelerator"]
-
-# ----------------------------------------------------------------------------------------------------------
-# Rewards: registry schemes adapted to one call per completion
-# ----------------------------------------------------------------------------------------------------------
-
-RewardFn = Callable[[str, Example], float]
-_USER_REWARDS: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str, fn: RewardFn) -> None:
-    """Make ``fn(completion_text, example) -> float`` usable as a reward term ``name`` in configs."""
-    if name in ("accuracy", "format", "dapo", "rewardmap"):
-        raise ValueError(f"reward name {name!r} is a built-in scheme; pick another name")
-    _USER_REWARDS[name] = fn
-
-
-def _accuracy_mode(mode: str, example: Example) -> str:
-    # "auto" follows the task's answer type, so "B." matches "B" and "68.0" matches "68"
-    if mode != "auto":
-        return mode
-    return {"numeric": "numeric", "choice": "choice", "yesno": "exact"}.get(
-        example.meta.get("answer_type"), "auto"
-    )
-
-
-_RM_FIELDS = {f.name for f in dataclasses.fields(RewardMapSample)}
-
-
-def _reward_term(name: str, params: dict) -> Callable[[str, Example, int], float]:
-    """``term(text, example, completion_len) -> float`` for a configured reward term."""
-    if name in _USER_REWARDS:
-        fn = _USER_REWARDS[name]
-        return lambda text, ex, n: float(fn(text, ex))
-    if name.startswith("python:"):
-        module, _, attr = name[len("python:") :].rpartition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"rewards: cannot import reward function {name!r}: {e}") from None
-        return lambda text, ex, n: float(fn(text, ex))
-    if name not in ("accuracy", "format", "dapo", "rewardmap"):
-        raise ConfigError(
-            f"rewards: unknown reward {name!r}; use accuracy, format, dapo, rewardmap, a function registered "
-            "with fastgrpo.trainer.register_reward, or python:package.module:function"
-        )
-    scheme = build_scheme({"name": name, "params": params})
-    if name == "accuracy":
-        mode = scheme.params.mode
-        return lambda text, ex, n: scheme(text, ex.answer, mode=_accuracy_mode(mode, ex))
-    if name == "format":
-        return lambda text, ex, n: scheme(text)
-    if name == "dapo":
-        acc = build_scheme("accuracy")
-        return lambda text, ex, n: float(scheme(acc(text, ex.answer, mode=_accuracy_mode("auto", ex)) > 0, n))
-
-    def rewardmap(text: str, ex: Example, n: int) -> float:
-        sample = RewardMapSample(**{k: v for k, v in ex.meta.items() if k in _RM_FIELDS})
-        return scheme(text, sample)
-
-    return rewardmap
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Plumbing
@@ -184,69 +112,24 @@ def make_accelerator(cfg: Config) -> Any:
     return accel
 
 
-class _PromptStream:
-    """Draws prompt indices from a sampler, across epochs; the state lives in the sampler."""
-
-    def __init__(self, sampler: Any):
-        self.sampler = sampler
-
-    def next(self, k: int) -> list[int]:
-        if isinstance(self.sampler, VarianceAwareSampler):
-            return self.sampler.next_batch()
-        out: list[int] = []
-        while len(out) < k:
-            got = 0
-            for i in iter(self.sampler):
-                out.append(i)
-                got += 1
-                if len(out) == k:
-                    break
-            else:
-                if isinstance(self.sampler, CurriculumSampler):  # epoch finished: reshuffle within stages
-                    self.sampler.set_epoch(self.sampler.epoch + 1)
-                elif got == 0:
-                    raise RuntimeError("the prompt sampler is exhausted")
-        return out
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+def _loss_scale(loss_type: str, b_mb: int, b_total: int, m_mb: int, m_local: int, world: int) -> float:
+    """Weight of one micro-batch's loss so the accumulated, rank-averaged gradient is the global one."""
+    if loss_type in ("dapo", "cispo"):  # sum / num_items_in_batch already global; undo DDP's mean
+        return float(world)
+    if loss_type == "bnpo":  # token mean over this rank's batch
+        return m_mb / max(m_local, 1)
+    # grpo, sapo (sequence means) and dr_grpo (sum / (B * L_max)): a mean over the global sequences
+    return b_mb / b_total * world
 
 
 @dataclass
-class _Batch:
-    """The rollout batch of one step, identical on every rank: ``B = P * G`` completions, group-major."""
+class _Update:
+    """What one optimizer step trains on, on this rank: its micro-batches (advantages, masks and log-probs
+    filled in) and the two global counts the loss normalisers need."""
 
-    example: list[int]
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    texts: list[str]
-    truncated: Tensor  # [B] bool
-    terms: dict[str, Tensor]  # reward term name -> [B] unweighted values
-    group_size: int
-
-    @property
-    def size(self) -> int:
-        return len(self.example)
-
-    def columns(self) -> dict[str, Any]:
-        cols: dict[str, Any] = {
-            "example": self.example,
-            "prompt_ids": self.prompt_ids,
-            "completion_ids": self.completion_ids,
-            "texts": self.texts,
-            "truncated": self.truncated,
-        }
-        cols.update({f"term/{k}": v for k, v in self.terms.items()})
-        return cols
-
-    @classmethod
-    def from_columns(cls, cols: dict[str, Any], group_size: int) -> _Batch:
-        terms = {k[len("term/") :]: v for k, v in cols.items() if k.startswith("term/")}
-        return cls(cols["example"], cols["prompt_ids"], cols["completion_ids"], cols["texts"], cols["truncated"],
-                   terms, group_size)  # fmt: skip
+    micro_batches: list[MicroBatch]
+    num_items: int  # loss tokens of the global batch: the dapo / cispo normaliser
+    num_seqs: int  # completions of the global batch
 
 
 @dataclass
@@ -327,23 +210,14 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.train_set, self.eval_set = task.split(cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
-        self.stream = _PromptStream(self._build_sampler())
-        self.terms = {t.name: (t.weight, _reward_term(t.name, t.params)) for t in cfg.rewards}
-        self.advantage = build_scheme({"name": cfg.advantage.scheme, "params": cfg.advantage.params})
-        adv = cfg.advantage
-        self.copo = build_scheme({"name": "copo", "params": adv.copo.params}) if adv.copo.enabled else None
-        self.prm = (
-            build_scheme({"name": "grounded_prm", "params": adv.prm.params}) if adv.prm.enabled else None
-        )
-        self.care = build_scheme({"name": "care", "params": adv.care.params}) if adv.care.enabled else None
-        self.care_conf = (
-            build_scheme({"name": "care_confidence", "params": adv.care.confidence}) if self.care else None
-        )
-        if self.care is not None and adv.care.accuracy_term not in self.terms:
+        self.stream = PromptStream(self._build_sampler())
+        self.rewards = RewardTerms([(t.name, t.weight, t.params) for t in cfg.rewards])
+        self.advantages = AdvantagePipeline.from_config(cfg.advantage, self.tokenizer)
+        if cfg.advantage.care.enabled and cfg.advantage.care.accuracy_term not in self.rewards.names:
             raise ConfigError(
-                f"advantage.care.accuracy_term: no reward term named {adv.care.accuracy_term!r}"
+                f"advantage.care.accuracy_term: no reward term named {cfg.advantage.care.accuracy_term!r}"
             )
-        if cfg.filter.enabled and cfg.filter.metric not in ("reward", *self.terms):
+        if cfg.filter.enabled and cfg.filter.metric not in ("reward", *self.rewards.names):
             raise ConfigError(f"filter.metric: {cfg.filter.metric!r} is neither 'reward' nor a reward term")
 
         # -- optimisation ---------------------------------------------------------------------------------
@@ -502,7 +376,7 @@ class Trainer:
 
     # -- rollouts ------------------------------------------------------------------------------------------
 
-    def _generate_and_score(self, indices: list[int], seed: int) -> _Batch:
+    def _generate_and_score(self, indices: list[int], seed: int) -> RolloutGroups:
         """This rank generates its share of ``indices``; the scored completions of all ranks are gathered."""
         mine = indices[self.rank :: self.world]
         examples = [self.train_set[i] for i in mine]
@@ -514,24 +388,22 @@ class Trainer:
         rows = []
         for j, (p, c, text, trunc) in enumerate(zip(prompts, completions, ro.texts, ro.truncated.tolist())):
             ex_i = mine[j // g]
-            ex = self.train_set[ex_i]
-            values = {name: float(fn(text, ex, len(c))) for name, (_, fn) in self.terms.items()}
-            rows.append((ex_i, p, c, text, bool(trunc), values))
+            rows.append(
+                (ex_i, p, c, text, bool(trunc), self.rewards.score(text, self.train_set[ex_i], len(c)))
+            )
         rows = self._gather(rows)
-        return _Batch(
+        return RolloutGroups(
             example=[r[0] for r in rows],
+            examples=[self.train_set[r[0]] for r in rows],
             prompt_ids=[r[1] for r in rows],
             completion_ids=[r[2] for r in rows],
             texts=[r[3] for r in rows],
             truncated=torch.tensor([r[4] for r in rows], dtype=torch.bool),
-            terms={k: torch.tensor([r[5][k] for r in rows], dtype=torch.float32) for k in self.terms},
+            terms=self.rewards.as_tensors([r[5] for r in rows]),
             group_size=g,
         )
 
-    def _total_reward(self, batch: _Batch) -> Tensor:
-        return sum(w * batch.terms[name] for name, (w, _) in self.terms.items())
-
-    def _rollout(self) -> tuple[_Batch, dict[str, float]]:
+    def _rollout(self) -> tuple[RolloutGroups, dict[str, float]]:
         """Prompts -> scored completions, with DAPO dynamic sampling when enabled."""
         P, G = self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size
         if not self.cfg.filter.enabled:
@@ -542,16 +414,13 @@ class Trainer:
             last = self._generate_and_score(
                 self.stream.next(P), self._seed(self.step, buf.num_gen_batches, self.rank)
             )
-            metric = (
-                self._total_reward(last)
-                if self.cfg.filter.metric == "reward"
-                else last.terms[self.cfg.filter.metric]
-            )
-            buf.add(metric, G, fields=last.columns())
+            metric = self.cfg.filter.metric
+            buf.add(self.rewards.total(last.terms) if metric == "reward" else last.terms[metric], G,
+                    fields=last.columns())  # fmt: skip
         rounds, dropped = buf.num_gen_batches, buf.num_dropped
         if buf.num_groups == 0:  # nothing with spread: train on the last batch (zero advantages)
             logger.warning("dynamic sampling kept no group in %d rounds; using the last batch", rounds)
-            batch = last
+            groups = last
         else:
             if buf.num_groups < P:
                 logger.warning(
@@ -559,80 +428,35 @@ class Trainer:
                 )
             cols = buf.take(allow_partial=True)
             cols.pop("rewards", None)
-            batch = _Batch.from_columns(cols, G)
-        return batch, {"filter/gen_rounds": rounds, "filter/dropped_groups": dropped}
+            groups = RolloutGroups.from_columns(cols, G)
+        return groups, {"filter/gen_rounds": rounds, "filter/dropped_groups": dropped}
 
-    def _micro_batches(self, batch: _Batch) -> list[tuple[list[int], PackedBatch | None]]:
-        """This rank's token-budget micro-batches: ``(global sequence indices, packed row or None)``.
+    def _micro_batches(self, groups: RolloutGroups) -> list[MicroBatch]:
+        """This rank's token-budget micro-batches (whole groups behind one prompt copy with
+        ``train.shared_prompt``), with their loss masks: every completion token, or, with
+        ``loss.mask_truncated``, only those of completions that ended."""
+        cfg = self.cfg
+        mbs = pack_micro_batches(groups.prompt_ids, groups.completion_ids, cfg.train.token_budget,
+                                 shared_prompt=cfg.train.shared_prompt, group_size=groups.group_size,
+                                 rank=self.rank, num_ranks=self.world, pad_id=self.tokenizer.pad_token_id or 0,
+                                 device=self.device)  # fmt: skip
+        keep = ~groups.truncated if cfg.loss.mask_truncated else torch.ones(groups.size, dtype=torch.bool)
+        for mb in mbs:
+            if not mb.is_padding:
+                mb.loss_mask = torch.repeat_interleave(keep[mb.index], mb.rows.completion_lens.cpu())
+        return mbs
 
-        With ``train.shared_prompt`` whole groups are packed behind one copy of their prompt (the G
-        completions of a prompt attend to it and to themselves only), so the prompt is run once, not G times.
-        """
-        budget = self.cfg.train.token_budget
-        if not self.cfg.train.shared_prompt:
-            return pack_micro_batches(batch.prompt_ids, batch.completion_ids, budget, rank=self.rank,
-                                      num_ranks=self.world, device=self.device)  # fmt: skip
-        G = batch.group_size
-        firsts = range(0, batch.size, G)
-        lengths = [
-            len(batch.prompt_ids[i]) + sum(len(c) for c in batch.completion_ids[i : i + G]) for i in firsts
-        ]
-        plan = plan_micro_batches(lengths, budget, num_ranks=self.world)[self.rank]
-        out: list[tuple[list[int], PackedBatch | None]] = []
-        for groups in plan:
-            idx = [g * G + j for g in groups for j in range(G)]
-            mb = None
-            if groups:
-                mb = pack_shared_prompt([batch.prompt_ids[g * G] for g in groups],
-                                        [batch.completion_ids[g * G : (g + 1) * G] for g in groups],
-                                        device=self.device)  # fmt: skip
-            out.append((idx, mb))
+    def _reference_per_sequence(self, groups: RolloutGroups, mbs: list[MicroBatch]) -> list[Tensor]:
+        """The reference log-probs ``[L_b]`` of every completion of the global batch (gathered over ranks)."""
+        mine = []
+        for mb in mbs:
+            if not mb.is_padding:
+                lens = mb.rows.completion_lens.tolist()
+                mine += list(zip(mb.index, mb.ref_logp.detach().cpu().split(lens)))
+        out: list[Tensor] = [torch.empty(0)] * groups.size
+        for i, lp in self._gather(mine):
+            out[i] = lp
         return out
-
-    # -- advantages ----------------------------------------------------------------------------------------
-
-    def _care_bonus(self, batch: _Batch, mbs: list, ref_logp: list) -> Tensor:
-        """GRPO-CARE: answer confidence under the EMA reference (per rank, then summed) -> group bonus."""
-        c = self.cfg.advantage.care
-        tok = self.tokenizer
-        open_ids = tok(c.answer_open, add_special_tokens=False)["input_ids"]
-        close_ids = tok(c.answer_close, add_special_tokens=False)["input_ids"]
-        conf = torch.zeros(batch.size, device=self.device)
-        for (idx, mb), lp in zip(mbs, ref_logp):
-            if mb is None:
-                continue
-            lp_pad, mask = mb.unpack(lp)
-            ids_pad, _ = mb.unpack(mb.targets)
-            span = answer_span_mask(ids_pad, open_ids, close_ids, mask=mask)
-            conf[torch.as_tensor(idx, device=self.device)] = self.care_conf(lp_pad, span).to(conf.dtype)
-        if self.world > 1:
-            conf = self.accel.reduce(conf, reduction="sum")
-        acc = batch.terms[c.accuracy_term]
-        out = self.care(acc, torch.zeros_like(acc), conf.cpu(), batch.group_size)
-        return out.bonus
-
-    def _token_steps(self, ids: list[int]) -> tuple[list[int], list[str]]:
-        """Step number of each completion token and the step texts (steps end at ``step_sep``)."""
-        sep = self.cfg.advantage.prm.step_sep
-        steps, k = [], 0
-        for t in ids:
-            steps.append(k)
-            k += self.tokenizer.decode([t], skip_special_tokens=True).count(sep)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return steps, text.split(sep)
-
-    def _prm_advantages(self, batch: _Batch, outcome: Tensor) -> list[Tensor]:
-        """Per-token advantages: each step checked by the verifier, scores -> token advantages (+ outcome)."""
-        verifier = ArithmeticStepVerifier()
-        T = max(len(c) for c in batch.completion_ids)
-        token_step = torch.full((batch.size, T), -1, dtype=torch.long)
-        scores = []
-        for b, ids in enumerate(batch.completion_ids):
-            steps, pieces = self._token_steps(ids)
-            token_step[b, : len(ids)] = torch.tensor(steps)
-            scores.append([float(verifier(p, previous_steps=pieces[:j])) for j, p in enumerate(pieces)])
-        adv = self.prm(scores, token_step, batch.group_size, outcome_advantages=outcome)
-        return [adv[b, : len(ids)] for b, ids in enumerate(batch.completion_ids)]
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -643,44 +467,37 @@ class Trainer:
 
         # 1. rollouts and rewards (DAPO dynamic sampling inside)
         with timer("generation"):
-            batch, extra = self._rollout()
-            reward = self._total_reward(batch)
+            groups, extra = self._rollout()
+            reward = self.rewards.total(groups.terms)
 
-        # 2. pack this rank's token-budget micro-batches; reference and behaviour log-probs
-        lengths = torch.tensor([len(c) for c in batch.completion_ids])
-        loss_mask = ~batch.truncated if cfg.loss.mask_truncated else torch.ones(batch.size, dtype=torch.bool)
-        mbs = self._micro_batches(batch)
-        temperature = cfg.rollout.temperature / self.head.scale
-        need_ref = cfg.loss.beta > 0 or self.care is not None
+        # 2. this rank's token-budget micro-batches; reference and behaviour log-probs
+        mbs = self._micro_batches(groups)
+        need_ref = cfg.loss.beta > 0 or self.advantages.needs_reference
         need_old = cfg.train.num_iterations > 1  # on-policy otherwise: ratio 1 with the gradient of logp
-        ref_logp, old_logp = [], []
         with timer("reference"), torch.no_grad():
-            for _, mb in mbs:
-                t = cfg.rollout.temperature
-                ref_logp.append(self.reference.logprobs(mb, temperature=t) if need_ref and mb else None)
-                old_logp.append(packed_logprobs(self.model, mb, temperature=t) if need_old and mb else None)
+            t = cfg.rollout.temperature
+            for mb in mbs:
+                if not mb.is_padding:
+                    mb.ref_logp = self.reference.logprobs(mb.rows, temperature=t) if need_ref else None
+                    mb.old_logp = packed_logprobs(self.model, mb.rows, temperature=t) if need_old else None
 
-        # 3. advantages: group-relative, plus the CARE bonus, COPO pair + blend or PRM step advantages
-        if self.care is not None:
-            bonus = self._care_bonus(batch, mbs, ref_logp)
-            reward = reward + bonus
-            extra["care/bonus"] = float(bonus.mean())
-        adv = self.advantage(reward, G)
-        blend = None
-        if self.copo is not None:
-            answers = [extract_answer(t) for t in batch.texts]
-            copo = self.copo(reward, answers, G)
-            adv, blend = copo.pair, copo.blend
-            extra.update({"copo/blend": float(blend.mean()), "copo/entropy": float(copo.entropy.mean())})
-        token_adv = self._prm_advantages(batch, adv) if self.prm is not None else None
+        # 3. advantages (the pipeline: reward shaping, group-relative estimator, advantage shaping)
+        ref_seq = self._reference_per_sequence(groups, mbs) if self.advantages.needs_reference else None
+        adv = self.advantages(groups, reward, ref_logp=ref_seq)
+        reward = adv.rewards
+        extra.update(adv.metrics)
+        for mb in mbs:
+            if not mb.is_padding:
+                mb.advantages, mb.blend = adv.select(mb.index)
 
         # 4. policy updates: num_iterations optimizer steps over the micro-batches
-        num_items = int((lengths * loss_mask).sum())  # global loss tokens: the dapo / cispo normaliser
+        lengths = torch.tensor([len(c) for c in groups.completion_ids])
+        keep = ~groups.truncated if cfg.loss.mask_truncated else torch.ones(groups.size, dtype=torch.bool)
+        update = _Update(mbs, num_items=int((lengths * keep).sum()), num_seqs=groups.size)
         stats: dict[str, float] = {}
         for _ in range(cfg.train.num_iterations):
             with timer("policy"):
-                stats = self._accumulate(mbs, adv, blend, token_adv, lengths, loss_mask, ref_logp, old_logp,
-                                         num_items, batch.size, temperature)  # fmt: skip
+                stats = self._accumulate(update)
             with timer("optimizer"):
                 grad_norm = (
                     self.accel.clip_grad_norm_(self.params, cfg.optim.grad_clip)
@@ -693,108 +510,110 @@ class Trainer:
 
         # 5. after the update: EMA reference, sampler feedback
         self.reference.step(self.model)
-        if isinstance(self.stream.sampler, PerformanceGatedCurriculumSampler):
-            group_mean = reward.view(-1, G).mean(1)
-            self.stream.sampler.update(batch.example[::G], group_mean)
+        self.stream.observe(groups.example[::G], reward.view(-1, G).mean(1))
         self.step += 1
 
         # 6. metrics
         times = timer.pop()
         wall = time.perf_counter() - t0
-        total_tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
+        total_tokens = sum(len(p) + len(c) for p, c in zip(groups.prompt_ids, groups.completion_ids))
         std_zero = float((reward.view(-1, G).std(1) == 0).float().mean()) if G > 1 else 1.0
         metrics = {
             "step": self.step,
             "reward": float(reward.mean()),
             "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,
-            **{f"reward/{k}": float(v.mean()) for k, v in batch.terms.items()},
+            **{f"reward/{k}": float(v.mean()) for k, v in groups.terms.items()},
             "zero_std_groups": std_zero,
             **stats,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "lr": self.scheduler.get_last_lr()[0],
             "completion_len": float(lengths.float().mean()),
-            "truncated": float(batch.truncated.float().mean()),
+            "truncated": float(groups.truncated.float().mean()),
             "tokens": total_tokens,
-            "num_items_in_batch": num_items,
+            "num_items_in_batch": update.num_items,
             "tokens_per_s": total_tokens / wall,
             **times,
             "time/step": wall,
             "peak_mem_mb": peak_memory_mb(self.device),
             **extra,
         }
-        self._last_batch = batch
+        self._last_batch = groups
         return metrics
 
-    def _accumulate(self, mbs, adv, blend, token_adv, lengths, loss_mask, ref_logp, old_logp, num_items, B,
-                    temperature):  # fmt: skip
+    def _accumulate(self, update: _Update) -> dict[str, Any]:
         """Forward + backward of every micro-batch of this rank, weighted so the accumulated gradient is the
-        gradient of the loss over the whole global batch (DDP then averages over ranks)."""
+        gradient of the loss over the whole global batch (DDP then averages over ranks).
+
+        A padding micro-batch, or one whose tokens are all masked out, runs with weight 0 (every rank makes
+        the same forward/backward calls). The step's metrics are summed on the device and fetched once.
+        """
         cfg, lt = self.cfg, self.cfg.loss.loss_type
-        local_items = sum(int(lengths[i]) for idx, mb in mbs if mb is not None for i in idx if loss_mask[i])
+        mbs = update.micro_batches
+        local_items = sum(mb.num_loss_tokens for mb in mbs)
+        temperature = self.head.logit_temperature(cfg.rollout.temperature)
         keys = ("kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio")
-        sums = dict.fromkeys(keys, 0.0)
-        loss_sum, n_tok = 0.0, 0
-        for k, (idx, mb) in enumerate(mbs):
-            empty = mb is None
-            if empty:  # this rank has fewer items than micro-batches: a zero-weight step keeps DDP in step
-                pad = self.tokenizer.pad_token_id or 0
-                mb, idx = pack([[pad]], [[pad]], device=self.device), [0]
-            ix = torch.as_tensor(idx)
-            w_blend = blend[ix].to(self.device) if blend is not None else None
-            if empty:
-                zero = torch.zeros(1, device=self.device)
-                a = (zero, zero) if blend is not None else zero
-            elif token_adv is not None:  # PRM: per-token advantages
-                a = torch.cat([token_adv[i] for i in idx]).to(self.device)
-            elif blend is not None:  # COPO: (global, local) pair, blended per sequence
-                a = (adv[0][ix].to(self.device), adv[1][ix].to(self.device))
-            else:
-                a = adv[ix].to(self.device)
-            tok_mask = torch.repeat_interleave(loss_mask[ix], mb.completion_lens.cpu()).to(self.device)
+        # metric sums in fp64 on the device, in the order of the per-micro-batch float sums they replace
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=self.device)
+        n_tok = 0
+        for k, mb in enumerate(mbs):
+            m = mb.num_loss_tokens
+            trains = m > 0
+            if trains:
+                a, blend = mb.advantages, mb.blend
+                a = tuple(x.to(self.device) for x in a) if isinstance(a, tuple) else a.to(self.device)
+                blend = blend.to(self.device) if blend is not None else None
+                mask, old, ref, beta = mb.loss_mask.to(self.device), mb.old_logp, mb.ref_logp, cfg.loss.beta
+            else:  # nothing to learn here: a zero-weight step keeps the ranks' collectives matched
+                a, blend, mask, old, ref, beta = (
+                    torch.zeros(mb.rows.num_sequences, device=self.device),
+                    None,
+                    None,
+                    None,
+                    None,
+                    0.0,
+                )
             last = k == len(mbs) - 1
             with contextlib.nullcontext() if last or self.world == 1 else self.accel.no_sync(self.policy):
-                hidden = self.policy(mb)  # [M, D] at the loss positions; logits are never built
+                hidden = self.policy(mb.rows)  # [M, D] at the loss positions; logits are never built
                 weight = self.head.weight.to(hidden.dtype)
                 out = grpo_loss(
-                    hidden, weight, mb.targets, a, mask=tok_mask, cu_seqlens=mb.completion_cu_seqlens,
-                    old_logp=old_logp[k], ref_logp=ref_logp[k] if cfg.loss.beta > 0 else None, beta=cfg.loss.beta,
+                    hidden, weight, mb.rows.targets, a, mask=mask, cu_seqlens=mb.rows.completion_cu_seqlens,
+                    old_logp=old, ref_logp=ref if beta > 0 else None, beta=beta,
                     kl_bias_correction=cfg.loss.kl_bias_correction,
                     loss_type=lt, importance_level=cfg.loss.importance_level, eps_low=cfg.loss.eps_low,
                     eps_high=cfg.loss.eps_high, delta=cfg.loss.delta, dual_clip=cfg.loss.dual_clip,
                     temperature=temperature, entropy_coef=cfg.loss.entropy_coef,
-                    max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=max(num_items, 1),
-                    blend=w_blend, bias=self.head.bias,
-                    chunk_size=cfg.loss.chunk_size, backend=cfg.loss.backend,
+                    max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=max(update.num_items, 1),
+                    blend=blend, bias=self.head.bias, chunk_size=cfg.loss.chunk_size, backend=cfg.loss.backend,
                 )  # fmt: skip
-                scale = 0.0 if empty else self._loss_scale(lt, len(idx), B, int(tok_mask.sum()), local_items)
+                scale = (
+                    _loss_scale(lt, len(mb.index), update.num_seqs, m, local_items, self.world)
+                    if trains
+                    else 0.0
+                )
                 self.accel.backward(out.loss * scale)
-            if not empty:  # token-weighted metrics
-                m = int(tok_mask.sum())
+            if trains:  # token-weighted metrics
                 n_tok += m
-                sums["entropy"] += float((out.entropy * tok_mask).sum())
-                for key, val in (("kl", out.kl), ("clip_frac_low", out.clip_frac_low),
-                                 ("clip_frac_high", out.clip_frac_high), ("ratio", out.ratio_mean)):  # fmt: skip
-                    sums[key] += float(val) * m
-                loss_sum += float(out.loss.detach()) * scale / self.world
-        totals = torch.tensor([*sums.values(), loss_sum, n_tok], dtype=torch.float64, device=self.device)
+                sums[1] += (out.entropy * mask).sum().double()
+                for j, val in (
+                    (0, out.kl),
+                    (2, out.clip_frac_low),
+                    (3, out.clip_frac_high),
+                    (4, out.ratio_mean),
+                ):
+                    sums[j] += val.double() * m
+                sums[len(keys)] += out.loss.detach().double() * scale / self.world
+        totals = torch.cat([sums, torch.tensor([n_tok], dtype=torch.float64, device=self.device)])
         if self.world > 1:
             totals = self.accel.reduce(totals, reduction="sum")
-        n = max(float(totals[-1]), 1.0)
-        out = {key: float(totals[i]) / n for i, key in enumerate(keys)}
-        out["loss"] = float(totals[len(keys)])
+        totals = totals.tolist()  # the one device -> host transfer of the step's loss metrics
+        n = max(totals[-1], 1.0)
+        out = {key: totals[i] / n for i, key in enumerate(keys)}
+        out["loss"] = totals[len(keys)]
         out["clip_frac"] = out["clip_frac_low"] + out["clip_frac_high"]
         if cfg.loss.beta == 0:
             out["kl"] = None  # no reference log-probs in the loss: nothing to report
         return out
-
-    def _loss_scale(self, loss_type: str, b_mb: int, b_total: int, m_mb: int, m_local: int) -> float:
-        """Weight of one micro-batch's loss so the accumulated, rank-averaged gradient is the global one."""
-        if loss_type in ("dapo", "cispo"):  # sum / num_items_in_batch already global; undo DDP's mean
-            return float(self.world)
-        if loss_type == "bnpo":  # token mean over this rank's batch
-            return m_mb / max(m_local, 1)
-        # grpo, sapo (sequence means) and dr_grpo (sum / (B * L_max)): a mean over the global sequences
-        return b_mb / b_total * self.world
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -912,10 +731,10 @@ class Trainer:
                 ro = generate_rollouts(self.model, self.tokenizer, [self._prompt(e) for e in chunk],
                                        self._sampling(0, num_generations=1, do_sample=False))  # fmt: skip
             for e, text, c in zip(chunk, ro.texts, ro.completions()):
-                rows.append({name: float(fn(text, e, len(c))) for name, (_, fn) in self.terms.items()})
+                rows.append(self.rewards.score(text, e, len(c)))
         rows = self._gather(rows)
-        key = "accuracy" if "accuracy" in self.terms else next(iter(self.terms))
-        reward = [sum(w * r[name] for name, (w, _) in self.terms.items()) for r in rows]
+        key = self.rewards.accuracy_term
+        reward = [self.rewards.total(r) for r in rows]
         return {
             "eval/accuracy": sum(r[key] for r in rows) / len(rows),
             "eval/reward": sum(reward) / len(rows),
@@ -961,8 +780,7 @@ class Trainer:
         the sampling seed depends on the step only)."""
         s = self.cfg.sampler
         vps = build_scheme({"name": "mmr1_vps", "params": {"pad_id": None, **s.vps}})
-        key = "accuracy" if "accuracy" in self.terms else next(iter(self.terms))
-        acc_fn = self.terms[key][1]
+        acc_fn = self.rewards.fns[self.rewards.accuracy_term]
         accs, responses = [], []
         for start in range(0, len(self.train_set), 16):
             chunk = self.train_set[start : start + 16]

@@ -63,3 +63,16 @@ def padded_logprobs(model, prompts, completions) -> torch.Tensor:
         pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
         out.append(logp[i, pos, c])
     return torch.cat(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, offline: the converted cache when present, else the package's GGUF (~5 s)."""
+    from transformers import AutoTokenizer
+
+    from fastgrpo.models import SMOLLM2_GGUF, _smollm2_package_dir, cache_dir
+
+    converted = cache_dir() / "SmolLM2-135M-Instruct"
+    if (converted / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(converted, local_files_only=True)
+    return AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)

@@ -421,15 +421,47 @@ def test_pack_micro_batches_match_one_row(models, gen):
     prompts = rand_ids(gen, 400, [4, 30, 2, 6, 5])
     completions = rand_ids(gen, 400, [20, 3, 15, 40, 1])
     micro = pack_micro_batches(prompts, completions, token_budget=48)
-    assert all(b.num_tokens <= 48 for _, b in micro)
+    assert all(mb.rows.num_tokens <= 48 for mb in micro) and len(micro) > 1
+    assert sorted(i for mb in micro for i in mb.index) == list(range(5))
     with torch.no_grad():
         whole = pack(prompts, completions)
         ref, _ = whole.unpack(packed_logprobs(model, whole))
-        for idx, batch in micro:
-            got, _ = batch.unpack(packed_logprobs(model, batch))
-            torch.testing.assert_close(got, ref[idx, : got.shape[1]], atol=TOL, rtol=0)
+        for mb in micro:
+            got, _ = mb.rows.unpack(packed_logprobs(model, mb.rows))
+            torch.testing.assert_close(got, ref[mb.index, : got.shape[1]], atol=TOL, rtol=0)
     with pytest.raises(ValueError, match="more than token_budget"):
         pack_micro_batches(prompts, completions, token_budget=40)
+
+
+def test_pack_micro_batches_shared_prompt_groups(models, gen):
+    """Whole groups behind one prompt copy, planned by the packing layer; log-probs equal the plain layout's."""
+    model = models["sdpa"]
+    prompts = rand_ids(gen, 400, [7, 3, 12])
+    groups = [rand_ids(gen, 400, lens) for lens in ([4, 9], [1, 6], [5, 2])]
+    flat_p = [p for p, g in zip(prompts, groups) for _ in g]
+    flat_c = [c for g in groups for c in g]
+    micro = pack_micro_batches(flat_p, flat_c, token_budget=30, shared_prompt=True, group_size=2)
+    assert len(micro) > 1 and all(mb.rows.is_shared_prompt and mb.rows.num_tokens <= 30 for mb in micro)
+    assert sorted(i for mb in micro for i in mb.index) == list(range(6))
+    assert all(mb.index[0] % 2 == 0 and mb.index[1] == mb.index[0] + 1 for mb in micro)  # whole groups
+    with torch.no_grad():
+        whole = pack(flat_p, flat_c)
+        ref, _ = whole.unpack(packed_logprobs(model, whole))
+        for mb in micro:
+            got, _ = mb.rows.unpack(packed_logprobs(model, mb.rows))
+            torch.testing.assert_close(got, ref[mb.index, : got.shape[1]], atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="divide"):
+        pack_micro_batches(flat_p, flat_c, token_budget=30, shared_prompt=True, group_size=4)
+
+
+def test_pack_micro_batches_padding_for_idle_ranks():
+    """3 groups over 2 ranks with one group per micro-batch: rank 1 gets a one-token padding micro-batch."""
+    p, c = [[5, 6]] * 3, [[7], [8], [9]]
+    plans = [pack_micro_batches(p, c, token_budget=3, rank=r, num_ranks=2, pad_id=0) for r in (0, 1)]
+    assert len(plans[0]) == len(plans[1]) == 2
+    padding = [mb for plan in plans for mb in plan if mb.is_padding]
+    assert len(padding) == 1 and padding[0].rows.num_tokens == 2 and padding[0].num_loss_tokens == 0
+    assert sorted(i for plan in plans for mb in plan for i in mb.index) == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------------------

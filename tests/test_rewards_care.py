@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgrpo.advantages import group_advantages
-from fastgrpo.rewards.care import answer_confidence, answer_span_mask, care_rewards
+from fastgrpo.rewards.care import answer_confidence, answer_span_mask, answer_token_span, care_rewards
+from fastgrpo.rewards.shaping import token_pieces
 
 OPEN, CLOSE = [5, 6], [7, 8]
 
@@ -35,6 +36,48 @@ def test_answer_span_mask():
     ids2 = torch.tensor([[5, 6, 1, 7, 8]])
     got2 = answer_span_mask(ids2, OPEN, CLOSE, mask=torch.tensor([[1, 1, 1, 1, 0]]))
     assert got2.tolist() == [[False, False, True, True, False]]
+
+
+@pytest.mark.parametrize(
+    "pieces, span",
+    [
+        (["so", ".<", "answer", ">", "4", "</", "answer", ">"], (4, 5)),  # the tag split in context
+        (["<answer>", "1", "2", "</answer>", "<answer>", "7", "</answer>"], (5, 6)),  # the last opening tag
+        (["<answer>", " 9", " 1"], (1, 3)),  # no closing tag (truncated): to the end
+        (["<answer>", " ", "5", " </", "answer>"], (2, 3)),  # whitespace-only overlaps are not the answer
+        (["<answer", ">4", "</ans", "wer>"], (1, 2)),  # ">4" holds the tag's end and the answer
+        (["<answer>", "</answer>"], (0, 0)),  # an empty answer: an empty range
+        (["the answer is 4"], None),  # no opening tag
+    ],
+)
+def test_answer_token_span_hand_cases(pieces, span):
+    assert answer_token_span(pieces) == span
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("<answer>4</answer>", "4"),
+        ("So it is <answer>4</answer>", "4"),
+        ("so.<answer>4</answer>", "4"),
+        ("x\n<answer> 12 </answer>", "12"),  # " </" holds a space of the answer and the tag: not in the span
+        ("The answer:<answer>B</answer><|im_end|>", "B"),
+        ("Think: 3+4=7.\n<answer>7", "7"),  # truncated before the closing tag
+    ],
+)
+def test_answer_token_span_real_bpe_contexts(smollm2_tokenizer, text, answer):
+    """With SmolLM2's BPE, " <answer>" and ".<answer>" are other ids than "<answer>" alone (so matching the tags'
+    own ids finds no span); locating the answer in the decoded tokens' text finds it in every context."""
+    tok = smollm2_tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    (pieces,) = token_pieces(tok, [ids])
+    s, e = answer_token_span(pieces)
+    assert tok.decode(ids[s:e]) == answer
+    open_ids = tok("<answer>", add_special_tokens=False)["input_ids"]
+    close_ids = tok("</answer>", add_special_tokens=False)["input_ids"]
+    by_ids = answer_span_mask(torch.tensor([ids]), open_ids, close_ids)[0]
+    if text.startswith((" ", "So", "so.")):  # the old id matching misses these
+        assert not bool(by_ids.any())
 
 
 def test_answer_span_mask_bad_inputs():

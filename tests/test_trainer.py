@@ -226,11 +226,11 @@ _DDP_SCRIPT = textwrap.dedent(
     seen = []
     orig = Trainer._accumulate
 
-    def spy(self, mbs, adv, blend, token_adv, lengths, *rest):
-        local = sum(int(lengths[i]) for idx, mb in mbs if mb is not None for i in idx)
-        seen.append({"num_items": rest[-3], "local": local, "global": int(lengths.sum()), "n_mb": len(mbs),
-                     "empty": sum(mb is None for _, mb in mbs)})
-        return orig(self, mbs, adv, blend, token_adv, lengths, *rest)
+    def spy(self, update):
+        mbs = update.micro_batches
+        seen.append({"num_items": update.num_items, "local": sum(mb.num_loss_tokens for mb in mbs),
+                     "n_mb": len(mbs), "empty": sum(mb.is_padding for mb in mbs)})
+        return orig(self, update)
 
     Trainer._accumulate = spy
     t = Trainer(cfg)
@@ -264,7 +264,7 @@ def test_two_process_accelerate_cpu(tmp_path):
     assert r0["sha"] == r1["sha"]  # parameters identical across ranks after two steps
     for s0, s1 in zip(r0["seen"], r1["seen"]):
         # the dapo normaliser is the token count of the GLOBAL batch, the sum of both ranks' tokens
-        assert s0["num_items"] == s1["num_items"] == s0["global"] == s0["local"] + s1["local"]
+        assert s0["num_items"] == s1["num_items"] == s0["local"] + s1["local"]
         assert 0 < s0["local"] < s0["num_items"] and s0["n_mb"] == s1["n_mb"]
     # 3 prompt groups over 2 ranks, one group per micro-batch: a rank runs a zero-weight step for balance
     assert sum(s["empty"] for s in r0["seen"] + r1["seen"]) > 0
@@ -302,17 +302,18 @@ def test_lora_uses_adapter_off_reference(tmp_path):
 
 def test_prm_step_advantages_follow_the_checked_steps(tmp_path):
     """Each line of an arithmetic answer is checked with sympy; a wrong step's tokens get a lower advantage."""
-    from fastgrpo.trainer import _Batch
+    from fastgrpo.rewards.shaping import Advantages, ProcessAdvantages, RolloutGroups, token_pieces
 
     trainer = Trainer(_cfg(tmp_path, "task.name=arithmetic", "advantage.prm.enabled=true", "train.steps=1",
                            "train.run_name=prm"), write_run=False)  # fmt: skip
+    (stage,) = [s for s in trainer.advantages.stages if isinstance(s, ProcessAdvantages)]
     tok = trainer.tokenizer
     texts = ["2 + 3 = 5\n5 * 4 = 20\n<answer>20</answer>", "2 + 3 = 5\n5 * 4 = 21\n<answer>21</answer>"]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    batch = _Batch(example=[0, 0], prompt_ids=[[1], [1]], completion_ids=ids, texts=texts,
-                   truncated=torch.zeros(2, dtype=torch.bool), terms={}, group_size=2)  # fmt: skip
-    adv = trainer._prm_advantages(batch, torch.zeros(2))
-    steps = [trainer._token_steps(i)[0] for i in ids]
+    groups = RolloutGroups(example=[0, 0], examples=[None, None], prompt_ids=[[1], [1]], completion_ids=ids,
+                           texts=texts, truncated=torch.zeros(2, dtype=torch.bool), terms={}, group_size=2)  # fmt: skip
+    adv = stage.shape_advantages(groups, Advantages(torch.zeros(2), torch.zeros(2))).per_token
+    steps = [stage.token_steps(p) for p in token_pieces(tok, ids)]
     assert [len(a) for a in adv] == [len(i) for i in ids]
     first_ok = [a for a, s in zip(adv[0].tolist(), steps[0]) if s == 1]  # "5 * 4 = 20": right
     first_bad = [a for a, s in zip(adv[1].tolist(), steps[1]) if s == 1]  # "5 * 4 = 21": wrong

@@ -6,7 +6,9 @@
 - :mod:`.copo` — COPO answer entropy, global advantage and blend weight;
 - :mod:`.mmr1` — MMR1 variance promotion score (outcome variance + trajectory diversity);
 - :mod:`.prm` — GroundedPRM hybrid rollout reward, step-level advantages, step verifier, greedy search;
-- :mod:`.registry` — every scheme by name with typed parameters (``build_scheme({"name": ..., "params": ...})``).
+- :mod:`.registry` — every scheme by name with typed parameters (``build_scheme({"name": ..., "params": ...})``);
+- :mod:`.terms` — a run's weighted reward terms (registry schemes, registered functions, ``python:`` imports);
+- :mod:`.shaping` — the advantage pipeline the trainer calls once per step, the schemes as its stages.
 
 Samplers (curricula, variance-aware sampling, DAPO dynamic filtering) are in :mod:`fastgrpo.sampling`, the
 EMA reference in :mod:`fastgrpo.ema`, group-relative advantages in :mod:`fastgrpo.advantages`.
@@ -60,9 +62,16 @@ from .rewardmap import (
     planning_detail_reward,
     rewardmap_reward,
 )
+from .shaping import AdvantagePipeline, Advantages, RolloutGroups
+from .terms import RewardTerms, register_reward
 
 __all__ = [
+    "AdvantagePipeline",
+    "Advantages",
     "ArithmeticStepVerifier",
+    "RewardTerms",
+    "RolloutGroups",
+    "register_reward",
     "CareRewards",
     "CopoAdvantages",
     "GreedySearchResult",

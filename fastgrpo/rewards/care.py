@@ -19,9 +19,11 @@ Differences from the official code (``grpo_trainer_ref_ema.py``):
 
 - **Answer span**: the official code finds the ``answer`` token of the last ``<answer>`` tag and cuts
   3 tokens before the first EOS (assuming ``</answer>`` is 3 tokens right before EOS). Here the span is
-  located by the token-id sequences of the opening and closing tags, so it does not depend on one
-  tokenizer's split of ``</answer>`` nor on the tag being last. Pass the ids as the tags are tokenised
-  inside completions.
+  located from character offsets of the decoded completion (:func:`answer_token_span`: the tokens whose text
+  overlaps what lies between the last ``<answer>`` and the first ``</answer>`` after it), so it depends neither on
+  how a BPE tokenizer splits the tags in context (``" <answer>"`` and ``".<answer>"`` are other ids than
+  ``"<answer>"`` alone) nor on the tag being last. :func:`answer_span_mask` matches token-id sequences instead,
+  for callers who know how the tags are tokenised inside completions.
 - A group without eligible samples gets no bonus (the official code gets there through a NaN mean).
 - ``coefficient`` defaults to 0.5 (the released scripts); the official argparse default is 1.0.
 """
@@ -44,7 +46,7 @@ from fastgrpo.advantages import (
     group_index,
 )
 
-__all__ = ["CareRewards", "answer_span_mask", "answer_confidence", "care_rewards"]
+__all__ = ["CareRewards", "answer_span_mask", "answer_token_span", "answer_confidence", "care_rewards"]
 
 
 def _match_positions(ids: Tensor, pattern: Sequence[int], valid: Tensor) -> Tensor:
@@ -104,6 +106,37 @@ def answer_span_mask(
     closes = _match_positions(completion_ids, close_ids, valid) & (pos >= start[:, None])
     first_close = torch.where(closes, pos, torch.full_like(pos, T)).min(1).values
     return (pos >= start[:, None]) & (pos < first_close[:, None]) & valid
+
+
+def answer_token_span(
+    pieces: Sequence[str], open_tag: str = "<answer>", close_tag: str = "</answer>"
+) -> tuple[int, int] | None:
+    """Token range ``[s, e)`` of a completion's final answer, from the text of its tokens.
+
+    ``pieces[t]`` is the text of token ``t`` (each token decoded on its own; see
+    :func:`fastgrpo.rewards.shaping.token_pieces`). The answer is the text between the last ``open_tag`` and the
+    first ``close_tag`` after it (the end of the completion when it is missing: truncated); its tokens are
+    those whose text overlaps it in more than whitespace, so a token such as ``">4"`` that holds the tag's end
+    and the answer's start belongs to the span and ``" </"`` does not. Returns None when there is no
+    ``open_tag``; an empty (or blank) answer gives an empty range.
+    """
+    if not open_tag or not close_tag:
+        raise ValueError(f"open_tag and close_tag must be non-empty, got {open_tag!r} and {close_tag!r}")
+    text = "".join(pieces)
+    at = text.rfind(open_tag)
+    if at < 0:
+        return None
+    start = at + len(open_tag)
+    close = text.find(close_tag, start)
+    end = len(text) if close < 0 else close
+    first = last = None
+    pos = 0
+    for t, piece in enumerate(pieces):
+        lo, pos = pos, pos + len(piece)
+        if text[max(lo, start) : min(pos, end)].strip():
+            first = t if first is None else first
+            last = t
+    return (0, 0) if first is None else (first, last + 1)
 
 
 def answer_confidence(

@@ -6,27 +6,27 @@ with the official defaults). A config entry names it and overrides some paramete
     {"name": "copo", "params": {"k": 20.0, "b": 0.5}}          # YAML: name: copo / params: {k: 20, b: 0.5}
 
 :func:`build_scheme` validates the parameters against the dataclass (unknown names, wrong types and values
-outside a ``Literal`` raise ``ValueError`` naming the scheme and the field; ints are accepted for floats) and
-returns a :class:`Scheme`: calling it calls the target with the parameters bound as keyword arguments
-(call-site keywords win). ``list_schemes()`` lists the names, ``get_scheme(name).params`` the dataclass.
+outside a ``Literal`` raise ``ConfigError``, a ``ValueError``, naming the scheme and the field; the coercion
+rules are the run config's, :mod:`fastgrpo._schema`) and returns a :class:`Scheme`: calling it calls the
+target with the parameters bound as keyword arguments (call-site keywords win). ``list_schemes()`` lists the names, ``get_scheme(name).params`` the dataclass.
 Users register their own with :func:`register_scheme`.
 
 Kinds: ``advantage`` (rewards -> advantages), ``reward`` (completion / metadata -> reward or reward pieces),
-``sampler`` (a sampler class to instantiate), ``filter`` (DAPO group filter), ``reference`` (EMA reference),
-``search`` (PRM-guided greedy search).
+``sampler`` (a sampler class to instantiate), ``search`` (PRM-guided greedy search). Only what a config or the
+trainer builds by name is registered; the rest of the library (DAPO's group filter and buffer, the EMA
+reference, ...) is called directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fastgrpo._schema import coerce
 from fastgrpo.advantages import group_advantages
-from fastgrpo.ema import EMAReference
 from fastgrpo.rewards.care import answer_confidence, care_rewards
 from fastgrpo.rewards.copo import copo_advantages
 from fastgrpo.rewards.mmr1 import variance_promotion_score
@@ -34,12 +34,9 @@ from fastgrpo.rewards.outcome import accuracy_reward, dapo_reward, format_reward
 from fastgrpo.rewards.prm import prm_greedy_search, step_token_advantages
 from fastgrpo.rewards.rewardmap import rewardmap_reward
 from fastgrpo.sampling import (
-    REWARDMAP_STAGES,
     CurriculumSampler,
-    DynamicSamplingBuffer,
     PerformanceGatedCurriculumSampler,
     VarianceAwareSampler,
-    dynamic_group_filter,
 )
 
 __all__ = [
@@ -53,7 +50,7 @@ __all__ = [
     "scheme_params",
 ]
 
-KINDS = ("advantage", "reward", "sampler", "filter", "reference", "search")
+KINDS = ("advantage", "reward", "sampler", "search")
 
 
 @dataclass(frozen=True)
@@ -118,54 +115,6 @@ def list_schemes(kind: str | None = None) -> list[str]:
     return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
 
 
-def _coerce(scheme: str, fname: str, value: Any, tp: Any) -> Any:
-    where = f"scheme {scheme!r} parameter {fname!r}"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _coerce(scheme, fname, value, opt)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(f"{where}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ValueError(f"{where} must be one of {allowed}, got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {type(value).__name__}")
-        return tuple(value) if origin is tuple else list(value)
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be a bool, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a str, got {value!r}")
-        return value
-    return value
-
-
 def scheme_params(name: str, params: Mapping[str, Any] | None = None) -> Any:
     """The validated parameter dataclass of scheme ``name`` with ``params`` overriding the defaults."""
     spec = get_scheme(name)
@@ -175,7 +124,7 @@ def scheme_params(name: str, params: Mapping[str, Any] | None = None) -> Any:
     unknown = sorted(set(params) - fields)
     if unknown:
         raise ValueError(f"scheme {name!r} has no parameter(s) {unknown}; its parameters: {sorted(fields)}")
-    values = {k: _coerce(name, k, v, hints[k]) for k, v in params.items()}
+    values = {k: coerce(v, hints[k], f"scheme {name!r} parameter {k!r}") for k, v in params.items()}
     return spec.params(**values)
 
 
@@ -250,17 +199,6 @@ class DapoRewardParams:
 
 
 @dataclass
-class DapoFilterParams:
-    """Parameters of the stateless DAPO filter (none: groups with equal rewards are always dropped)."""
-
-
-@dataclass
-class DapoBufferParams:
-    target_groups: int = 512
-    max_num_gen_batches: int | None = 10
-
-
-@dataclass
 class RewardMapParams:
     correct_weight: float = 10.0
     detail_weight: float = 0.5
@@ -271,13 +209,6 @@ class RewardMapParams:
 
 @dataclass
 class CurriculumParams:
-    shuffle_within: bool = True
-    seed: int = 0
-
-
-@dataclass
-class RewardMapCurriculumParams:
-    stage_order: tuple[tuple[str, ...], ...] = REWARDMAP_STAGES
     shuffle_within: bool = True
     seed: int = 0
 
@@ -302,13 +233,6 @@ class CareParams:
 class CareConfidenceParams:
     upper_bound: float = 0.95
     eps: float = 1e-6
-
-
-@dataclass
-class EMAReferenceParams:
-    decay: float = 0.995
-    update_every: int = 10
-    trainable_only: bool | None = None
 
 
 @dataclass
@@ -357,10 +281,6 @@ class PRMSearchParams:
     eos: str | None = None
 
 
-def _rewardmap_curriculum(labels, *, stage_order, **kwargs):
-    return CurriculumSampler.from_labels(labels, stage_order, **kwargs)
-
-
 # fmt: off
 _BUILTINS = [
     ("grpo", "advantage", GroupAdvantageParams, group_advantages, "group-normalised advantage (r - mean) / (std + eps)"),
@@ -370,15 +290,11 @@ _BUILTINS = [
     ("accuracy", "reward", AccuracyParams, accuracy_reward, "1 if the extracted answer matches the gold answer"),
     ("format", "reward", FormatParams, format_reward, "1 if the completion is <think>...</think><answer>...</answer>"),
     ("dapo", "reward", DapoRewardParams, dapo_reward, "DAPO: +1 / -1 correctness plus soft overlong punishment"),
-    ("dapo_filter", "filter", DapoFilterParams, dynamic_group_filter, "DAPO dynamic sampling: drop equal-reward groups"),
-    ("dapo_buffer", "filter", DapoBufferParams, DynamicSamplingBuffer, "DAPO dynamic sampling buffer (oversample, truncate)"),
     ("rewardmap", "reward", RewardMapParams, rewardmap_reward, "RewardMap: W * (10 acc + 0.5 detail), difficulty-weighted"),
     ("curriculum", "sampler", CurriculumParams, CurriculumSampler, "fixed stage order, shuffled within stages"),
-    ("rewardmap_curriculum", "sampler", RewardMapCurriculumParams, _rewardmap_curriculum, "RewardMap's 4-stage curriculum from question types"),
     ("gated_curriculum", "sampler", GatedCurriculumParams, PerformanceGatedCurriculumSampler, "curriculum advancing on stage mean reward (beyond the paper)"),
     ("care", "reward", CareParams, care_rewards, "GRPO-CARE: acc + format + consistency bonus"),
     ("care_confidence", "reward", CareConfidenceParams, answer_confidence, "GRPO-CARE answer confidence under the EMA reference"),
-    ("ema_reference", "reference", EMAReferenceParams, EMAReference, "EMA of the policy as reference model"),
     ("copo", "advantage", CopoParams, copo_advantages, "COPO: global/local advantages and entropy blend weight"),
     ("mmr1_vps", "reward", VPSParams, variance_promotion_score, "MMR1 variance promotion score alpha OVS + beta TDS"),
     ("vas", "sampler", VASParams, VarianceAwareSampler, "MMR1 variance-aware sampler (weighted + uniform mix)"),
