@@ -11,7 +11,18 @@ Layout of ``<run_dir>/checkpoints/step-000123/``::
 
 A checkpoint is written into a temporary sibling directory and renamed into place, then ``latest`` (a text
 file with the directory name) is replaced atomically: a crash mid-write leaves the previous checkpoint
-intact and never a half-written one under a final name. Older checkpoints beyond ``keep_last`` are removed.
+intact and never a half-written one under a final name. Older checkpoints beyond ``keep_last`` are removed,
+and so are the temporary leftovers of an interrupted save (on the next save or resume).
+
+Reading is checked: :func:`read_checkpoint` reads every file of a checkpoint before anything is applied and
+raises :class:`CheckpointError` naming the file that is missing, truncated or corrupt (a disk that filled up, a
+copy cut short). :func:`find_resumable` walks a run's checkpoints from the newest and resumes from the newest
+intact one, logging each broken one it skips.
+
+Why not ``accelerate``'s ``save_state`` / ``load_state``: they save the whole model (here the trainable
+parameters alone: the LoRA adapter is megabytes, the base model gigabytes), write in place (a crash mid-save
+leaves a checkpoint that loads half-written), and restore every rank's RNG from its own file while the sampler,
+reference/EMA state and run configuration would still need files of their own.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +42,12 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CheckpointError",
+    "Checkpoint",
+    "read_checkpoint",
+    "find_resumable",
+    "apply_checkpoint",
+    "remove_leftovers",
     "capture_rng",
     "restore_rng",
     "trainable_state_dict",
@@ -40,6 +58,11 @@ __all__ = [
 ]
 
 _PREFIX = "step-"
+_LEFTOVERS = (".tmp-", ".old-", ".latest-")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the checkpoint and the file."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -86,6 +109,7 @@ def save_checkpoint(
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
     name = f"{_PREFIX}{step:06d}"
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
@@ -119,6 +143,19 @@ def save_checkpoint(
     return final
 
 
+def remove_leftovers(root: Path) -> None:
+    """Delete what interrupted saves left under ``root`` (their temporary directories and pointer files)."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(_LEFTOVERS):
+            logger.info("removing %s, left by an interrupted save", p)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
@@ -144,8 +181,8 @@ def resolve_resume(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--resume: {path} does not exist")
-    if (path / "state.pt").is_file() and (path / "model.safetensors").is_file():
-        return path
+    if path.name.startswith(_PREFIX) and path.parent.name == "checkpoints" or (path / "state.pt").is_file():
+        return path  # one checkpoint (read_checkpoint says which of its files is broken, if one is)
     found = latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(
@@ -155,6 +192,114 @@ def resolve_resume(path: str | Path) -> Path:
     return found
 
 
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint holds, read from disk and checked, not yet applied to a model."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    state: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None
+    config_text: str | None
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def _read(path: Path, name: str, reader: Any, required: bool = True) -> Any:
+    f = path / name
+    if not f.is_file():
+        if required:
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        return None
+    try:
+        return reader(f)
+    except Exception as e:  # safetensors, zip, pickle and EOF errors of a truncated or corrupt file
+        raise CheckpointError(
+            f"checkpoint {path}: {name} is unreadable (truncated or corrupt: {type(e).__name__}: {e})"
+        ) from None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and check every file of the checkpoint directory ``path`` (:class:`CheckpointError` naming the
+    broken file); nothing is applied."""
+    path = Path(path)
+    torch_load = lambda f: torch.load(f, map_location="cpu", weights_only=False)
+    state = _read(path, "state.pt", torch_load)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"checkpoint {path}: state.pt holds no step counter")
+    return Checkpoint(
+        path=path,
+        weights=_read(path, "model.safetensors", lambda f: load_file(str(f))),
+        optimizer=_read(path, "optimizer.pt", torch_load),
+        scheduler=_read(path, "scheduler.pt", torch_load, required=False),
+        state=state,
+        ema=_read(path, "ema.safetensors", lambda f: load_file(str(f)), required=False),
+        config_text=_read(path, "config.yaml", lambda f: f.read_text(), required=False),
+    )
+
+
+def find_resumable(path: str | Path) -> Checkpoint:
+    """The checkpoint to resume from: ``path`` itself when it is a checkpoint directory, else the newest intact
+    checkpoint of the run directory ``path`` (broken newer ones are skipped with a warning naming the file).
+
+    Raises ``FileNotFoundError`` when there is no checkpoint, :class:`CheckpointError` when none is intact.
+    """
+    start = resolve_resume(path)
+    root = start.parent
+    remove_leftovers(root)
+    if Path(path).resolve() == start.resolve():
+        return read_checkpoint(start)  # a checkpoint named explicitly: that one or an error
+    candidates = [start] + sorted(
+        (p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name < start.name), reverse=True
+    )
+    errors = []
+    for candidate in candidates:
+        try:
+            ckpt = read_checkpoint(candidate)
+        except CheckpointError as e:
+            logger.warning("%s; trying an older checkpoint", e)
+            errors.append(str(e))
+            continue
+        if errors:
+            logger.warning("resuming from %s, the newest intact checkpoint", candidate)
+        return ckpt
+    raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(errors))
+
+
+def apply_checkpoint(ckpt: Checkpoint, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     scheduler: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Load a read checkpoint's weights, optimizer and scheduler in place; return its ``state`` dict (with
+    ``step``, ``path`` and, when present, ``ema_state``)."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(ckpt.weights) - set(params))
+    if unknown:
+        raise ValueError(
+            f"checkpoint {ckpt.path}: {len(unknown)} saved parameters are not in the model (first: {unknown[0]!r}); "
+            "was it written by a run with another model or LoRA setting?"
+        )
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in ckpt.weights)
+    if missing:
+        raise ValueError(
+            f"checkpoint {ckpt.path}: trainable parameter {missing[0]!r} is missing ({len(missing)} in all)"
+        )
+    with torch.no_grad():
+        for name, tensor in ckpt.weights.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt.optimizer)
+    if scheduler is not None and ckpt.scheduler is not None:
+        scheduler.load_state_dict(ckpt.scheduler)
+    state = dict(ckpt.state)
+    if ckpt.ema is not None:
+        state["ema_state"] = ckpt.ema
+    state["path"] = ckpt.path
+    return state
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -162,31 +307,6 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
 ) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler in place; return the ``state`` dict (with ``step``) and, when
-    present, ``ema_state``."""
-    path = resolve_resume(path)
-    weights = load_file(str(path / "model.safetensors"))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(
-            f"checkpoint {path}: {len(unknown)} saved parameters are not in the model (first: {unknown[0]!r}); "
-            "was it written by a run with another model or LoRA setting?"
-        )
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
-    if missing:
-        raise ValueError(
-            f"checkpoint {path}: trainable parameter {missing[0]!r} is missing ({len(missing)} in all)"
-        )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].dtype))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    if scheduler is not None and (path / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if (path / "ema.safetensors").is_file():
-        state["ema_state"] = load_file(str(path / "ema.safetensors"))
-    state["path"] = path
-    return state
+    """:func:`read_checkpoint` of ``path`` (a checkpoint, or a run directory's newest) + :func:`apply_checkpoint`."""
+    return apply_checkpoint(read_checkpoint(resolve_resume(path)), model=model, optimizer=optimizer,
+                            scheduler=scheduler)  # fmt: skip

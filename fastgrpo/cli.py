@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
 
     _setup_logging(args.verbose)
@@ -119,9 +120,25 @@ def main(argv: list[str] | None = None) -> int:
             overrides = list(args.overrides)
             if args.tiny:
                 overrides.insert(0, "model.name=tiny")
-            cfg = load_config(args.config, overrides)
-            result = train(cfg, resume=args.resume)
-            _echo(result.summary_line())
+            resume = None
+            if args.resume:
+                from .checkpoint import find_resumable
+                from .config import resume_config
+
+                if args.config:
+                    raise ConfigError(
+                        "--config: a resumed run continues with its saved configuration (the checkpoint's "
+                        "config.yaml); leave --config out and change what may change with --set"
+                    )
+                resume = find_resumable(args.resume)
+                if resume.config_text is None:
+                    raise ConfigError(f"--resume: {resume.path} holds no config.yaml to continue from")
+                cfg = resume_config(resume.config_text, overrides, source=f"{resume.path}/config.yaml")
+            else:
+                cfg = load_config(args.config, overrides)
+            result = train(cfg, resume=resume)
+            if result.is_main:
+                _echo(result.summary_line())
             return 0
         if args.command == "eval":
             from .trainer import evaluate_run
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_run(cfg, run_dir=args.run, checkpoint=args.checkpoint, num=args.num)
             _echo(json.dumps(metrics, indent=2))
             return 0
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError, FloatingPointError, ImportError) as e:
+        # the user's input, the files, a missing optional package or a diverged run: one line, no traceback
         _echo(f"fastgrpo {args.command}: error: {e}", err=True)
         return 2
     return 1  # pragma: no cover - argparse rejects unknown commands

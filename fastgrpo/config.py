@@ -23,6 +23,7 @@ lists and mappings work too (``--set model.lora.target_modules=[q_proj,v_proj]``
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -252,17 +253,24 @@ class SamplerConfig:
 
 @dataclass
 class FilterConfig:
-    """DAPO dynamic sampling: drop groups whose ``metric`` (``reward`` or a reward term's name) is equal
-    across the group, generate more prompts until ``rollout.prompts_per_step`` groups remain (at most
-    ``max_gen_batches`` generation rounds, then train on what was kept)."""
+    """DAPO dynamic sampling: drop groups whose ``metric`` is equal across the group, generate more prompts
+    until ``rollout.prompts_per_step`` groups remain (at most ``max_gen_batches`` generation rounds, then train
+    on what was kept). ``metric``: a reward term's name, by default ``accuracy`` (DAPO drops the groups whose
+    accuracy is all 0 or all 1), or ``reward`` (the weighted total, format terms included)."""
 
     enabled: bool = False
     max_gen_batches: int = 10
-    metric: str = "reward"
+    metric: str = "accuracy"
 
 
 @dataclass
 class TrainConfig:
+    """The loop: ``steps`` training steps of ``num_iterations`` optimizer steps each on micro-batches of at most
+    ``token_budget`` tokens (``shared_prompt``: a group's prompt packed once); checkpoints every ``save_every``
+    steps (0: at the end and on SIGINT/SIGTERM) keeping ``keep_last``; held-out greedy evaluation of
+    ``eval_prompts`` prompts every ``eval_every`` steps; a step whose gradient is not finite is skipped, and
+    ``max_skipped_steps`` such steps in a row stop the run."""
+
     steps: int = 60
     num_iterations: int = 1
     token_budget: int = 4096
@@ -280,6 +288,7 @@ class TrainConfig:
     plot: bool = True
     log_completions: int = 0
     time_budget_s: float = 0.0
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -323,8 +332,21 @@ class Config:
                     f"sampler.stages: the {self.sampler.kind} sampler needs stage labels (values of "
                     f"meta[{self.sampler.stage_key!r}]) for task {self.task.name!r}; only 'transit' has a default"
                 )
-        if self.rollout.prompts_per_step * self.rollout.group_size < 1:
-            raise ConfigError("rollout: a step needs at least one completion")
+        r = self.rollout
+        longest = r.max_prompt_tokens + r.max_new_tokens * (r.group_size if self.train.shared_prompt else 1)
+        if self.train.token_budget < longest:
+            what = (
+                "a prompt and its group's completions"
+                if self.train.shared_prompt
+                else "a prompt and completion"
+            )
+            raise ConfigError(
+                f"train.token_budget: {self.train.token_budget} tokens cannot hold {what} of the longest allowed "
+                f"length ({longest} = rollout.max_prompt_tokens + rollout.max_new_tokens"
+                f"{' x rollout.group_size' if self.train.shared_prompt else ''}); raise it or lower those limits"
+            )
+        if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
         _check_schemes(self)
         return self
 
@@ -431,6 +453,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.eval_prompts": _NON_NEGATIVE,
     "train.log_completions": _NON_NEGATIVE,
     "train.time_budget_s": (lambda v: v >= 0, "must be >= 0 (0 = no budget)"),
+    "train.max_skipped_steps": _POSITIVE,
 }
 
 
@@ -488,15 +511,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping at the top level")
-    cfg = build_dataclass(Config, data)
-    return apply_overrides(cfg, overrides)
+        data = _yaml_mapping(path.read_text(), f"--config: {path}")
+    return apply_overrides(build_dataclass(Config, data), overrides)
+
+
+def _yaml_mapping(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping at the top level")
+    return data
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
@@ -550,3 +576,61 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
 def save_config(cfg: Config, path: str | Path) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resuming
+# --------------------------------------------------------------------------------------------------------
+
+#: the keys a resumed run may change: none of them alters what the next step computes
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.output_dir",
+    "train.run_name",
+    "train.save_every",
+    "train.keep_last",
+    "train.eval_every",
+    "train.eval_prompts",
+    "train.tensorboard",
+    "train.progress",
+    "train.plot",
+    "train.log_completions",
+    "train.time_budget_s",
+    "train.max_skipped_steps",
+)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def resume_changes(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """The keys where ``cfg`` differs from a run's ``saved`` config, ``{key: (saved, new)}``.
+
+    Raises :class:`ConfigError` naming the first key outside :data:`RESUMABLE_KEYS`: continuing a run exactly
+    means continuing it with its own loss, model, data, sampling and seeds."""
+    a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    changes = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    for key, (old, new) in changes.items():
+        if not key.startswith(RESUMABLE_KEYS):
+            raise ConfigError(
+                f"{key}: cannot change when resuming (the run has {old!r}, got {new!r}); a resumed run continues "
+                f"with its saved configuration, where only {', '.join(RESUMABLE_KEYS)} may change"
+            )
+    return changes
+
+
+def resume_config(
+    saved_text: str, overrides: list[str] | tuple[str, ...] = (), *, source: str = ""
+) -> Config:
+    """A run's saved configuration (the YAML text of its ``config.yaml``) with ``overrides`` applied; an override
+    of a key outside :data:`RESUMABLE_KEYS` that changes its value raises :class:`ConfigError` naming it."""
+    saved = build_dataclass(Config, _yaml_mapping(saved_text, f"{source or 'the saved config'}")).validate()
+    cfg = apply_overrides(saved, overrides)
+    resume_changes(saved, cfg)
+    return cfg

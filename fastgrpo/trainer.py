@@ -38,8 +38,15 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from .checkpoint import capture_rng, load_checkpoint, resolve_resume, restore_rng, save_checkpoint
-from .config import Config, ConfigError, config_to_dict
+from .checkpoint import (
+    Checkpoint,
+    apply_checkpoint,
+    capture_rng,
+    find_resumable,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import Config, ConfigError, config_to_dict, resume_changes, resume_config
 from .models import ReferenceModel, load_causal_lm
 from .observability import MetricsLogger, PhaseTimer, peak_memory_mb, plot_run, read_metrics, reward_summary
 from .ops import grpo_loss
@@ -141,6 +148,7 @@ class RunResult:
     stopped_early: str | None = None  # "signal" or "time budget"
     wall_s: float = 0.0
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out greedy accuracy)
+    is_main: bool = True  # False on the other processes of a multi-process run (they keep no metrics)
 
     def summary_line(self) -> str:
         s = self.summary
@@ -165,16 +173,23 @@ class RunResult:
 class Trainer:
     """Builds everything a run needs from a :class:`Config`, then :meth:`train` runs the loop.
 
-    ``resume``: a run directory or checkpoint to continue exactly. ``callbacks``: ``fn(trainer, metrics)``
-    called after every step (tests use them to interrupt a run).
+    ``resume``: a run directory (its newest intact checkpoint), a checkpoint directory or a
+    :class:`~fastgrpo.checkpoint.Checkpoint` to continue exactly; ``cfg`` must then equal the run's saved
+    configuration except for :data:`~fastgrpo.config.RESUMABLE_KEYS` (:func:`fastgrpo.config.resume_config`
+    builds it). ``callbacks``: ``fn(trainer, metrics)`` called after every step (tests use them to interrupt a
+    run). ``write_run=False``: nothing is written (evaluation of a run).
     """
 
-    def __init__(self, cfg: Config, *, resume: str | Path | None = None,
+    def __init__(self, cfg: Config, *, resume: str | Path | Checkpoint | None = None,
                  callbacks: Sequence[Callable[[Trainer, dict], None]] = (), write_run: bool = True):  # fmt: skip
         cfg.validate()
         self.cfg = cfg
         self.callbacks = list(callbacks)
-        resume_path = resolve_resume(resume) if resume is not None else None
+        # a broken checkpoint or a changed configuration is reported before any model work
+        ckpt = find_resumable(resume) if isinstance(resume, (str, Path)) else resume
+        changes = {}
+        if ckpt is not None and write_run and ckpt.config_text is not None:
+            changes = resume_changes(resume_config(ckpt.config_text, source=f"{ckpt.path}/config.yaml"), cfg)
         self.accel = accel = make_accelerator(cfg)
         self.rank, self.world = accel.process_index, accel.num_processes
         self.device = accel.device
@@ -186,6 +201,11 @@ class Trainer:
             cfg.model.name, dtype=dtype, device=self.device, attn_implementation=cfg.model.attn_implementation,
             seed=cfg.train.seed,
         )  # fmt: skip
+        if cfg.rollout.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"rollout.chat_template: the tokenizer of {cfg.model.name!r} has no chat template; set "
+                "rollout.chat_template=false to prompt with a plain 'User: ... Assistant:' transcript"
+            )
         self._apply_liger(model)
         if cfg.model.lora.enabled:
             model = self._apply_lora(model)
@@ -218,7 +238,11 @@ class Trainer:
                 f"advantage.care.accuracy_term: no reward term named {cfg.advantage.care.accuracy_term!r}"
             )
         if cfg.filter.enabled and cfg.filter.metric not in ("reward", *self.rewards.names):
-            raise ConfigError(f"filter.metric: {cfg.filter.metric!r} is neither 'reward' nor a reward term")
+            raise ConfigError(
+                f"filter.metric: {cfg.filter.metric!r} is neither 'reward' nor one of the reward terms "
+                f"{self.rewards.names}; add an accuracy term (weight 0 logs it without changing the reward) or "
+                "set filter.metric"
+            )
 
         # -- optimisation ---------------------------------------------------------------------------------
         params = [p for p in model.parameters() if p.requires_grad]
@@ -228,10 +252,11 @@ class Trainer:
         self.params = params
 
         # -- run directory, logging, resume ------------------------------------------------------------------
-        self.step = 0
-        if resume_path is not None:
-            self.run_dir = resume_path.parent.parent
-            self._load(resume_path)
+        self.step = self.saved_step = 0
+        self.skipped_in_a_row = 0
+        if ckpt is not None:
+            self.run_dir = ckpt.path.parent.parent
+            self._load(ckpt)
         else:
             name = (
                 cfg.train.run_name or f"{cfg.task.name}-{cfg.loss.loss_type}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -242,9 +267,12 @@ class Trainer:
         self.metrics_log = None
         if self.is_main and write_run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self._config_text())
+            if ckpt is None or changes:
+                for key, (old, new) in changes.items():
+                    logger.warning("resume: %s changed from %r to %r (config.yaml updated)", key, old, new)
+                (self.run_dir / "config.yaml").write_text(self._config_text())
             self.metrics_log = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard,
-                                             resume_step=self.step if resume_path is not None else None)  # fmt: skip
+                                             resume_step=self.step if ckpt is not None else None)  # fmt: skip
         self._stop_requested = False
         self.stop_reason: str | None = None
 
@@ -495,21 +523,22 @@ class Trainer:
         keep = ~groups.truncated if cfg.loss.mask_truncated else torch.ones(groups.size, dtype=torch.bool)
         update = _Update(mbs, num_items=int((lengths * keep).sum()), num_seqs=groups.size)
         stats: dict[str, float] = {}
+        skipped = 0
         for _ in range(cfg.train.num_iterations):
             with timer("policy"):
                 stats = self._accumulate(update)
             with timer("optimizer"):
-                grad_norm = (
-                    self.accel.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                    if cfg.optim.grad_clip > 0
-                    else None
-                )
-                self.optimizer.step()
-                self.scheduler.step()
+                grad_norm = self._grad_norm()
+                if math.isfinite(grad_norm):
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.reference.step(self.model)  # the EMA reference counts optimizer steps
+                else:
+                    skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
+        self._count_skipped(skipped)
 
-        # 5. after the update: EMA reference, sampler feedback
-        self.reference.step(self.model)
+        # 5. after the update: sampler feedback
         self.stream.observe(groups.example[::G], reward.view(-1, G).mean(1))
         self.step += 1
 
@@ -525,7 +554,8 @@ class Trainer:
             **{f"reward/{k}": float(v.mean()) for k, v in groups.terms.items()},
             "zero_std_groups": std_zero,
             **stats,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,
+            "skipped_steps": skipped,
             "lr": self.scheduler.get_last_lr()[0],
             "completion_len": float(lengths.float().mean()),
             "truncated": float(groups.truncated.float().mean()),
@@ -539,6 +569,28 @@ class Trainer:
         }
         self._last_batch = groups
         return metrics
+
+    def _grad_norm(self) -> float:
+        """The global gradient norm, clipped to ``optim.grad_clip`` when that is > 0 (one device sync)."""
+        clip = self.cfg.optim.grad_clip
+        return float(self.accel.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
+
+    def _count_skipped(self, skipped: int) -> None:
+        """A non-finite gradient skips its optimizer step (parameters, optimizer state, schedule and EMA stay as
+        they were); ``train.max_skipped_steps`` training steps in a row with a skip stop the run."""
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_skipped_steps
+        logger.warning("step %d: non-finite gradient, %d optimizer step(s) skipped (%d steps in a row, limit %d)",
+                       self.step + 1, skipped, self.skipped_in_a_row, limit)  # fmt: skip
+        if self.skipped_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self.skipped_in_a_row} steps in a row had a non-finite gradient (train.max_skipped_steps="
+                f"{limit}); the run stops. Lower optim.lr, check the rewards and the model's dtype "
+                "(model.dtype=float32), or resume from an earlier checkpoint"
+            )
 
     def _accumulate(self, update: _Update) -> dict[str, Any]:
         """Forward + backward of every micro-batch of this rank, weighted so the accumulated gradient is the
@@ -661,7 +713,8 @@ class Trainer:
                     logger.warning("stopping at step %d (%s); checkpoint saved", self.step, self.stop_reason)
                     break
             else:
-                self.save()
+                if self.saved_step != self.step:  # the last step may have been a periodic save already
+                    self.save()
             if cfg.train.eval_prompts > 0 and last_eval != self.step and self.stop_reason != "signal":
                 self._log({"step": self.step, **self.evaluate(cfg.train.eval_prompts)})
         finally:
@@ -687,7 +740,7 @@ class Trainer:
         if self.is_main and self.metrics_log is not None:
             info = {**summary, "steps": len(rows), "wall_s": wall, "evals": evals}
             (self.run_dir / "summary.json").write_text(json.dumps(info))
-        return RunResult(self.run_dir, rows, summary, plot, self.stop_reason, wall, evals)
+        return RunResult(self.run_dir, rows, summary, plot, self.stop_reason, wall, evals, self.is_main)
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if self.metrics_log is not None:
@@ -750,28 +803,30 @@ class Trainer:
             ema = ref_state.get("ema")
             ema_shadow = ema.pop("shadow") if ema else None
             state = {"rng": rng, "sampler": self.stream.state_dict(), "reference": ref_state,
-                     "world_size": self.world}  # fmt: skip
+                     "world_size": self.world, "skipped_in_a_row": self.skipped_in_a_row}  # fmt: skip
             path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, ema_state=ema_shadow, state=state,
                                    config_text=self._config_text(), keep_last=self.cfg.train.keep_last)  # fmt: skip
         self.accel.wait_for_everyone()
+        self.saved_step = self.step
         return path
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+    def _load(self, ckpt: Checkpoint) -> None:
+        state = apply_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         if state.get("world_size", 1) != self.world:
             raise RuntimeError(
-                f"checkpoint {path} was written by {state.get('world_size')} processes; resume with the same number "
-                f"(this run has {self.world}) to continue exactly"
+                f"checkpoint {ckpt.path} was written by {state.get('world_size')} processes; resume with the same "
+                f"number (this run has {self.world}) to continue exactly"
             )
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         self.stream.load_state_dict(state["sampler"])
         ref_state = state["reference"]
         if ref_state.get("ema") is not None:
             ref_state["ema"]["shadow"] = state["ema_state"]
         self.reference.load_state_dict(ref_state)
         restore_rng(state["rng"][self.rank])
-        logger.info("resumed from %s at step %d", path, self.step)
+        logger.info("resumed from %s at step %d", ckpt.path, self.step)
 
     # -- MMR1 re-scoring -------------------------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ TINY = [
     "task.num_eval=4",
     "rollout.max_new_tokens=8",
 ]
+# the compare task's prompts are ~70 tokens: with this limit, small token budgets still hold a whole group
+SHORT_PROMPTS = "rollout.max_prompt_tokens=80"
 # a reward with spread on the untrained tiny model (about half its samples hold a digit): non-zero advantages
 DIGIT_REWARD = "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}]"
 
@@ -153,7 +155,7 @@ def _capture_grads(trainer):
 def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, loss_type, shared):
     """Token-budget micro-batches (of unequal sizes; optionally shared-prompt rows) accumulate the gradient of
     one big plain micro-batch."""
-    common = [DIGIT_REWARD, "train.steps=1", "optim.grad_clip=0", f"loss.loss_type={loss_type}",
+    common = [DIGIT_REWARD, SHORT_PROMPTS, "train.steps=1", "optim.grad_clip=0", f"loss.loss_type={loss_type}",
               "rollout.group_size=4", "rollout.prompts_per_step=3", "loss.beta=0.1"]  # fmt: skip
     one = Trainer(
         _cfg(tmp_path, *common, "train.token_budget=4096", "train.shared_prompt=false", "train.run_name=one")
@@ -180,7 +182,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, loss_type
 
 @pytest.mark.parametrize("shared, budget", [(False, 100), (True, 140)])
 def test_micro_batches_are_really_split(tmp_path, shared, budget):
-    trainer = Trainer(_cfg(tmp_path, "train.steps=1", "rollout.group_size=4", "rollout.prompts_per_step=3",
+    trainer = Trainer(_cfg(tmp_path, SHORT_PROMPTS, "train.steps=1", "rollout.group_size=4", "rollout.prompts_per_step=3",
                            f"train.token_budget={budget}", f"train.shared_prompt={shared}", "train.run_name=split"))  # fmt: skip
     seen = []
     orig = trainer.policy.forward
@@ -197,7 +199,7 @@ def test_dynamic_sampling_and_custom_reward(tmp_path):
         return float(text[:1].isdigit())
 
     register_reward("first_digit", first_char_is_digit)
-    res = train(_cfg(tmp_path, "rewards=[{name: first_digit}]", "filter.enabled=true", "filter.max_gen_batches=3",
+    res = train(_cfg(tmp_path, "rewards=[{name: first_digit}]", "filter.enabled=true", "filter.metric=reward", "filter.max_gen_batches=3",
                      "rollout.prompts_per_step=2", "rollout.group_size=4", "train.steps=2", "train.run_name=f"))  # fmt: skip
     assert calls and all(r["filter/gen_rounds"] >= 1 for r in res.metrics)
     assert all(0 <= r["zero_std_groups"] <= 1 for r in res.metrics)
@@ -251,7 +253,7 @@ def _accelerate() -> str:
 def test_two_process_accelerate_cpu(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(_DDP_SCRIPT)
-    overrides = [*TINY, DIGIT_REWARD, "train.steps=2", "rollout.group_size=4", "rollout.prompts_per_step=3",
+    overrides = [*TINY, DIGIT_REWARD, SHORT_PROMPTS, "train.steps=2", "rollout.group_size=4", "rollout.prompts_per_step=3",
                  "rollout.max_new_tokens=12", "loss.loss_type=dapo", "train.token_budget=160", "optim.lr=1e-2",
                  f"train.output_dir={tmp_path}", "train.run_name=ddp"]  # fmt: skip
     cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -46,9 +46,15 @@ TINY = [
 
 CASES: dict[str, list[str]] = {
     "shared-dapo": [],
-    "plain-grpo-microbatches": ["train.shared_prompt=false", "train.token_budget=100", "loss.loss_type=grpo"],
+    "plain-grpo-microbatches": [
+        "train.shared_prompt=false",
+        "train.token_budget=100",
+        "rollout.max_prompt_tokens=80",
+        "loss.loss_type=grpo",
+    ],
     "shared-microbatches-bnpo": [
         "train.token_budget=140",
+        "rollout.max_prompt_tokens=80",
         "loss.loss_type=bnpo",
         "rollout.prompts_per_step=3",
     ],
@@ -72,6 +78,7 @@ CASES: dict[str, list[str]] = {
     "dapo-filter-entropy": [
         "filter.enabled=true",
         "filter.max_gen_batches=2",
+        "filter.metric=reward",
         "loss.loss_type=dapo",
         "loss.entropy_coef=0.01",
     ],  # fmt: skip
