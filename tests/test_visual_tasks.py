@@ -24,7 +24,6 @@ from fastgrpo.tasks.render import COLOURS  # noqa: E402
 from fastgrpo.tasks.transit import QUESTION_TYPES, SIZES, format_route  # noqa: E402
 from fastgrpo.tasks.visual_math import bar_boxes, render_figure  # noqa: E402
 from fastgrpo.tasks.visual_transit import (  # noqa: E402
-    LINE_COLOURS,
     random_transit_map,
     render_transit_map,
     station_pixel,
@@ -217,10 +216,8 @@ def test_transit_map_image_shows_the_network(difficulty):
                 (xa, ya), (xb, yb) = station_pixel(tmap, a, img.size), station_pixel(tmap, b, img.size)
                 for t in (0.3, 0.7):
                     total += 1
-                    hits += _near(
-                        img.getpixel((round(xa + t * (xb - xa)), round(ya + t * (yb - ya)))),
-                        LINE_COLOURS[line],
-                    )
+                    pixel = img.getpixel((round(xa + t * (xb - xa)), round(ya + t * (yb - ya))))
+                    hits += _near(pixel, COLOURS[line.split()[0].lower()])  # the Red Line is red
         assert hits >= 0.9 * total
         transfers = tmap.transfers
         assert transfers and all(len([1 for st in tmap.metro.values() if s in st]) > 1 for s in transfers)
@@ -231,6 +228,41 @@ def test_transit_map_image_shows_the_network(difficulty):
                 for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))
             ]
             assert sum(_near(p, (0, 0, 0), 150) for p in ring) >= 3
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "middle", "hard"])
+def test_transit_map_drawings_are_unambiguous(difficulty):
+    """Legs are straight runs of 1-2 grid steps (8 directions) turning <= 90 degrees at stations; lines never
+    share a leg; no line runs through a station without stopping; no unrelated stations side by side."""
+    rng = random.Random(21)
+    for _ in range(15):
+        tmap = random_transit_map(rng, difficulty)
+        pos = tmap.positions
+        station_at = {tuple(p): s for s, p in pos.items()}
+        assert len(station_at) == len(pos)  # one station per grid point
+        edges: dict[frozenset, str] = {}
+        consecutive = set()
+        for line, stops in tmap.metro.items():
+            headings = []
+            for a, b in zip(stops, stops[1:]):
+                consecutive.add(frozenset((a, b)))
+                dx, dy = pos[b][0] - pos[a][0], pos[b][1] - pos[a][1]
+                k = max(abs(dx), abs(dy))
+                assert k in (1, 2) and dx in (-k, 0, k) and dy in (-k, 0, k)
+                step = (dx // k, dy // k)
+                headings.append(step)
+                for i in range(k):
+                    u = (pos[a][0] + i * step[0], pos[a][1] + i * step[1])
+                    v = (u[0] + step[0], u[1] + step[1])
+                    assert edges.setdefault(frozenset((u, v)), line) == line, "two lines share a leg"
+                    if i:
+                        assert u not in station_at, f"{line} passes {station_at[u]} without stopping"
+            for h0, h1 in zip(headings, headings[1:]):
+                assert h0[0] * h1[0] + h0[1] * h1[1] >= 0  # turns of at most 90 degrees
+        for s, (x, y) in pos.items():
+            for n in ((x + 1, y), (x, y + 1)):
+                if n in station_at:
+                    assert frozenset((s, station_at[n])) in consecutive, (s, station_at[n])
 
 
 def _all_routes(metro: dict, s1: str, s2: str, max_legs: int) -> list[list[tuple[str, str, str]]]:
