@@ -28,10 +28,11 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 from .base import Example, Task, check_subset
-from .render import COLOURS, check_size, draw_shape, pil
+from .render import COLOURS, SHAPES, check_size, draw_shape, pil
 
 __all__ = ["VideoShapesTask", "KINDS", "DIRECTIONS", "render_frames"]
 
@@ -49,7 +50,6 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
     "up-right": (1, -1),
 }
 _COLOURS = ("red", "blue", "green", "yellow", "purple", "orange")
-_SHAPES = ("circle", "square", "triangle", "diamond", "star")
 _RADIUS = 0.08  # shape half-size, fraction of the frame
 _BACKGROUND = (245, 245, 245)
 _LETTERS = "ABCD"
@@ -63,22 +63,36 @@ _EXAMPLE_A = "<think>The colours alternate red, green. The last one is red, so g
 Track = list[list[float] | None]
 
 
-def _clear(tracks: list[Track], new: Track, gap: float = 2.6 * _RADIUS) -> bool:
-    """Whether ``new`` keeps ``gap`` from every other shape in every frame both are visible."""
-    for tr in tracks:
-        for a, b in zip(tr, new):
-            if a is not None and b is not None and (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 < gap * gap:
-                return False
-    return True
+class _Crowded(Exception):
+    """No room for one more shape: the caller draws the scene again."""
 
 
-def _place(rng: random.Random, tracks: list[Track], make: Any) -> Track:
-    """A track from ``make()`` that does not touch the others (rejection sampling)."""
-    for _ in range(500):
-        tr = make()
-        if _clear(tracks, tr):
-            return tr
-    raise RuntimeError("could not place a shape without overlap")  # pragma: no cover - never seen
+class _Scene:
+    """Shapes of one clip: each added with a track that keeps clear of the others in every frame."""
+
+    def __init__(self, rng: random.Random, num_frames: int):
+        self.rng, self.T = rng, num_frames
+        self.objects: list[dict[str, Any]] = []
+
+    def pick(self, n: int) -> list[tuple[str, str]]:
+        """``n`` (shape, colour) pairs, no shape and no colour twice."""
+        return list(zip(self.rng.sample(SHAPES, n), self.rng.sample(_COLOURS, n)))
+
+    def add(self, shape: str, colour: str | list[str], make: Callable[[], Track]) -> None:
+        """Add ``shape`` with ``colour`` (one, or one per frame) on the first track from ``make()`` that keeps
+        2.6 radii from every other shape whenever both are visible; :class:`_Crowded` after 100 tries."""
+        gap2 = (2.6 * _RADIUS) ** 2
+        for _ in range(100):
+            track = make()
+            if all(
+                a is None or b is None or (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 >= gap2
+                for obj in self.objects
+                for a, b in zip(obj["track"], track)
+            ):
+                colours = [colour] * self.T if isinstance(colour, str) else colour
+                self.objects.append({"shape": shape, "colours": colours, "track": track})
+                return
+        raise _Crowded
 
 
 def _static(rng: random.Random, T: int, visible: range | None = None) -> Track:
@@ -129,6 +143,72 @@ def _options(rng: random.Random, right: str, pool: list[str]) -> tuple[list[str]
     return options, options.index(right)
 
 
+def _ask_direction(scene: _Scene, level: int) -> tuple[str, list[str], int]:
+    rng, T = scene.rng, scene.T
+    objs = scene.pick(1 + level)
+    names = list(DIRECTIONS)
+    right = rng.choice(names)
+    scene.add(*objs[0], lambda: _moving(rng, T, DIRECTIONS[right]))
+    for shape, colour in objs[1:]:  # distractors moving some other way
+        other = DIRECTIONS[rng.choice([n for n in names if n != right])]
+        scene.add(shape, colour, lambda o=other: _moving(rng, T, o))
+    shape, colour = objs[0]
+    return (f"In which direction does the {colour} {shape} move?", *_options(rng, right, names))
+
+
+def _ask_order(scene: _Scene, level: int) -> tuple[str, list[str], int]:
+    rng, T = scene.rng, scene.T
+    objs = scene.pick(min(3 if level == 0 else 4, T - 1))
+    starts = sorted(rng.sample(range(T - 1), len(objs)))
+    for (shape, colour), a in zip(objs, starts):
+        vis = range(a, T)
+        if level == 2:  # hard: the shapes also move
+            d = rng.choice(list(DIRECTIONS.values()))
+            scene.add(shape, colour, lambda d=d, v=vis: _moving(rng, T, d, v))
+        else:
+            scene.add(shape, colour, lambda v=vis: _static(rng, T, v))
+    perms = [", ".join(f"{c} {s}" for s, c in p) for p in itertools.permutations(objs)]
+    return ("In which order do the shapes first appear?", *_options(rng, perms[0], perms))
+
+
+def _ask_count(scene: _Scene, level: int) -> tuple[str, list[str], int]:
+    rng, T = scene.rng, scene.T
+    n = 2 + level + (rng.random() < 0.5)  # 2-3, 3-4, 4-5 shapes, all of different kinds
+    objs = scene.pick(n)
+    while True:  # visibility intervals such that no single frame shows every shape
+        spans = []
+        for _ in range(n):
+            a = rng.randrange(T - 1)
+            spans.append(range(a, rng.randint(a + 2, T)))
+        if max(sum(t in s for s in spans) for t in range(T)) < n:
+            break
+    for (shape, colour), vis in zip(objs, spans):
+        scene.add(shape, colour, lambda v=vis: _static(rng, T, v))
+    low = max(1, n - rng.randint(0, 3))
+    options = [str(k) for k in range(low, low + 4)]
+    stem = "Shapes come and go during the video. How many different shapes appear in total?"
+    return stem, options, options.index(str(n))
+
+
+def _ask_next(scene: _Scene, level: int) -> tuple[str, list[str], int]:
+    rng, T = scene.rng, scene.T
+    period = min(2 + (level > 0) + (level == 2 and rng.random() < 0.5), T // 2)
+    objs = scene.pick(1 + level)
+    cycle = rng.sample(_COLOURS, period)
+    shape = objs[0][0]
+    scene.add(shape, [cycle[t % period] for t in range(T)], lambda: _static(rng, T))
+    for s, _ in objs[1:]:  # distractors of one colour outside the cycle
+        scene.add(s, rng.choice([x for x in _COLOURS if x not in cycle]), lambda: _static(rng, T))
+    stem = (
+        f"The {shape} changes colour in a repeating pattern. "
+        "Which colour will it have in the frame right after the video ends?"
+    )
+    return (stem, *_options(rng, cycle[T % period], list(_COLOURS)))
+
+
+_ASK = {"direction": _ask_direction, "order": _ask_order, "count": _ask_count, "next": _ask_next}
+
+
 class VideoShapesTask(Task):
     """Clips of moving shapes, four-option questions on direction, order, count or the next colour.
 
@@ -155,81 +235,24 @@ class VideoShapesTask(Task):
             raise ValueError(f"video_shapes task: fps must be > 0, got {fps!r}")
         self.fps, self.one_shot = float(fps), one_shot
 
-    def _objects(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
-        """``n`` shapes with distinct colours and distinct kinds."""
-        return list(zip(rng.sample(_SHAPES, n), rng.sample(_COLOURS, n)))
-
     def make(self, rng: random.Random) -> Example:
         kind = rng.choice(self.kinds)
         difficulty = rng.choice(self.difficulties)
         level = DIFFICULTIES.index(difficulty)
         T = self.num_frames
-        tracks: list[Track] = []
-        scene: list[dict[str, Any]] = []
-
-        def add(shape: str, colour: str | list[str], track: Track) -> None:
-            tracks.append(track)
-            colours = [colour] * T if isinstance(colour, str) else colour
-            scene.append({"shape": shape, "colours": colours, "track": track})
-
-        if kind == "direction":
-            objs = self._objects(rng, 1 + level)
-            names = list(DIRECTIONS)
-            right = rng.choice(names)
-            add(*objs[0], _place(rng, tracks, lambda: _moving(rng, T, DIRECTIONS[right])))
-            for shape, colour in objs[1:]:
-                other = DIRECTIONS[rng.choice([n for n in names if n != right])]
-                add(shape, colour, _place(rng, tracks, lambda o=other: _moving(rng, T, o)))
-            shape, colour = objs[0]
-            stem = f"In which direction does the {colour} {shape} move?"
-            options, idx = _options(rng, right, names)
-        elif kind == "order":
-            objs = self._objects(rng, min(3 if level == 0 else 4, T - 1))
-            starts = sorted(rng.sample(range(T - 1), len(objs)))
-            for (shape, colour), a in zip(objs, starts):
-                vis = range(a, T)
-                if level == 2:
-                    d = rng.choice(list(DIRECTIONS.values()))
-                    add(shape, colour, _place(rng, tracks, lambda d=d, v=vis: _moving(rng, T, d, v)))
-                else:
-                    add(shape, colour, _place(rng, tracks, lambda v=vis: _static(rng, T, v)))
-            perms = [", ".join(f"{c} {s}" for s, c in p) for p in itertools.permutations(objs)]
-            stem = "In which order do the shapes first appear?"
-            options, idx = _options(rng, perms[0], perms)
-        elif kind == "count":
-            n = 2 + level + (rng.random() < 0.5)  # 2-3, 3-4, 4-5 shapes, all of different kinds
-            objs = self._objects(rng, n)
-            while True:  # visibility intervals such that no single frame shows every shape
-                spans = []
-                for _ in range(n):
-                    a = rng.randrange(T - 1)
-                    spans.append(range(a, rng.randint(a + 2, T)))
-                if max(sum(t in s for s in spans) for t in range(T)) < n:
-                    break
-            for (shape, colour), vis in zip(objs, spans):
-                add(shape, colour, _place(rng, tracks, lambda v=vis: _static(rng, T, v)))
-            stem = "Shapes come and go during the video. How many different shapes appear in total?"
-            low = max(1, n - rng.randint(0, 3))
-            options = [str(k) for k in range(low, low + 4)]
-            idx = options.index(str(n))
-        else:  # next
-            period = min(2 + (level > 0) + (level == 2 and rng.random() < 0.5), T // 2)
-            objs = self._objects(rng, 1 + level)
-            cycle = rng.sample(_COLOURS, period)
-            shape = objs[0][0]
-            add(shape, [cycle[t % period] for t in range(T)], _place(rng, tracks, lambda: _static(rng, T)))
-            for s, c in objs[1:]:
-                c = rng.choice([x for x in _COLOURS if x not in cycle])
-                add(s, c, _place(rng, tracks, lambda: _static(rng, T)))
-            stem = (
-                f"The {shape} changes colour in a repeating pattern. "
-                "Which colour will it have in the frame right after the video ends?"
-            )
-            options, idx = _options(rng, cycle[T % period], list(_COLOURS))
+        for _ in range(100):  # a crowded clip is drawn again
+            clip = _Scene(rng, T)
+            try:
+                stem, options, idx = _ASK[kind](clip, level)
+                break
+            except _Crowded:
+                continue
+        else:  # pragma: no cover - a few redraws at most
+            raise RuntimeError(f"video_shapes: could not place the shapes of a {kind} clip")
         text = "\n".join(
             [stem, "Options:", *(f"{_LETTERS[i]}. {o}" for i, o in enumerate(options)), _INSTRUCTION]
         )
-        frames = render_frames(scene, T, self.frame_size)
+        frames = render_frames(clip.objects, T, self.frame_size)
         meta = {
             "answer_type": "choice",
             "kind": kind,
@@ -239,7 +262,7 @@ class VideoShapesTask(Task):
             "num_frames": T,
             "frame_size": self.frame_size,
             "fps": self.fps,
-            "scene": scene,
+            "scene": clip.objects,
         }
         messages: list[dict[str, Any]] = [
             {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}
