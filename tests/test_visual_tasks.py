@@ -159,7 +159,7 @@ def _connected(metro: dict) -> bool:
 def test_transit_map_answers_are_correct():
     task = build_task("transit_map", image_size=64)
     seen = set()
-    for e in task.split(90, 0, seed=11)[0]:
+    for e in task.split(60, 0, seed=11)[0]:
         m, metro, q = e.meta, e.meta["metro"], e.question
         n_lines, per_line = SIZES[m["difficulty_city"]]
         assert len(metro) == n_lines and all(len(st) == len(set(st)) == per_line for st in metro.values())
