@@ -6,6 +6,7 @@
     fastgrpo eval  (--run DIR | --config F [--set ...]) [--checkpoint DIR] [--num N] [--tiny]
     fastgrpo bench ARGS...            forwards ARGS to bench/run.py (source checkout only)
     fastgrpo plot  RUN_DIR [--out FILE]
+    fastgrpo tasks list | show NAME [--n N] [--out DIR] [--seed S] [--set KEY=VALUE ...]
 
 Several processes: ``accelerate launch --multi_gpu --num_processes 2 -m fastgrpo.cli train ...`` (on CPU
 too: the trainer creates ``Accelerator(cpu=True)`` when no GPU is present and refuses a launch whose
@@ -53,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot a run's metrics.jsonl to PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", help="output PNG (default RUN_DIR/plot.png)")
+
+    p = sub.add_parser("tasks", help="list the built-in tasks, or write examples of one to look at")
+    tasks = p.add_subparsers(dest="tasks_command", required=True)
+    tasks.add_parser("list", help="the built-in tasks")
+    p = tasks.add_parser("show", help="write N examples (PNG images, GIF videos, examples.json) to a folder")
+    p.add_argument("name")
+    p.add_argument("--n", type=int, default=4, help="number of examples (default 4)")
+    p.add_argument("--out", help="output folder (default ./examples_NAME)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option, e.g. --set image_size=224 (repeatable)")  # fmt: skip
     return parser
 
 
@@ -93,6 +105,24 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    from .tasks import build_task
+    from .tasks.show import parse_options, show_task, task_summaries
+
+    if args.tasks_command == "list":
+        for name, summary in task_summaries():
+            _echo(f"{name:14s} {summary}")
+        return 0
+    try:
+        task = build_task(args.name, **parse_options(args.options))
+        path = show_task(task, args.n, args.out or f"examples_{args.name}", seed=args.seed)
+    except ValueError as e:
+        _echo(f"fastgrpo tasks show: error: {e}", err=True)
+        return 2
+    _echo(f"wrote {args.n} examples of {args.name} to {path.parent} (questions and answers: {path})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to bench/run.py, --help included
@@ -108,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             f"reward: first {s['window']} steps {s['first']:.3f} -> last {s['window']} steps {s['last']:.3f}"
         )
         return 0
+
+    if args.command == "tasks":
+        return _tasks(args)
 
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config

@@ -326,11 +326,14 @@ class Config:
             )
         if self.model.reference == "adapter-off" and not self.model.lora.enabled:
             raise ConfigError("model.reference: 'adapter-off' needs model.lora.enabled=true")
-        if self.sampler.kind in ("curriculum", "curriculum_gated") and self.task.name != "transit":
+        if self.sampler.kind in ("curriculum", "curriculum_gated") and self.task.name not in (
+            "transit",
+            "transit_map",
+        ):
             if not self.sampler.stages:
                 raise ConfigError(
                     f"sampler.stages: the {self.sampler.kind} sampler needs stage labels (values of "
-                    f"meta[{self.sampler.stage_key!r}]) for task {self.task.name!r}; only 'transit' has a default"
+                    f"meta[{self.sampler.stage_key!r}]) for task {self.task.name!r}; only 'transit' and 'transit_map' have a default"
                 )
         r = self.rollout
         longest = r.max_prompt_tokens + r.max_new_tokens * (r.group_size if self.train.shared_prompt else 1)

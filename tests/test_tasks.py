@@ -21,7 +21,8 @@ def test_split_is_deterministic_and_disjoint(name):
     assert [e.question for e in train] == [e.question for e in train2]
     assert [e.answer for e in ev] == [e.answer for e in ev2]
     assert len(train) == 40 and len(ev) == 10
-    assert not {e.question for e in ev} & {e.question for e in train}
+    # the question text, or for an image task the question with its picture (Task._dedup_key)
+    assert not {task._dedup_key(e) for e in ev} & {task._dedup_key(e) for e in train}
     for e in train + ev:
         assert e.messages[-1]["role"] == "user" and e.answer
         assert "<answer></answer>" in e.question

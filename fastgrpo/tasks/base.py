@@ -13,7 +13,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Example", "Task", "ANSWER_INSTRUCTION", "message_text", "one_shot", "render_prompt"]
+__all__ = [
+    "Example",
+    "Task",
+    "ANSWER_INSTRUCTION",
+    "check_subset",
+    "message_text",
+    "one_shot",
+    "render_prompt",
+]
 
 ANSWER_INSTRUCTION = "Put the final answer in <answer></answer>."
 
@@ -63,6 +71,17 @@ def one_shot(question: str, example_question: str, example_answer: str) -> list[
         {"role": "assistant", "content": example_answer},
         {"role": "user", "content": question},
     ]
+
+
+def check_subset(task: str, option: str, values: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``values`` as a tuple, after checking it is a non-empty subset of ``allowed``.
+
+    Raises ``ValueError`` naming the task and the option otherwise (a bare string is refused: it would be
+    read as a sequence of characters).
+    """
+    if isinstance(values, str) or not values or any(v not in allowed for v in values):
+        raise ValueError(f"{task} task: {option} must be a non-empty subset of {allowed}, got {values!r}")
+    return tuple(values)
 
 
 class Task:

@@ -27,9 +27,20 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from .base import Example, Task
+from .base import Example, Task, check_subset
 
-__all__ = ["TransitTask", "QUESTION_TYPES", "STAGES", "random_network", "min_transfer_route", "format_route"]
+__all__ = [
+    "TransitTask",
+    "QUESTION_TYPES",
+    "STAGES",
+    "SIZES",
+    "STATION_NAMES",
+    "LINE_NAMES",
+    "random_network",
+    "min_transfer_route",
+    "format_route",
+    "ask_question",
+]
 
 QUESTION_TYPES = ("TorF1", "TorF2", "Counting1", "Counting2", "Counting3", "planning")
 # RewardMap's curriculum (utils/rl_dataset.py): true/false, then counting 2/3, then counting 1, then planning.
@@ -38,18 +49,27 @@ STAGES = (("TorF1", "TorF2"), ("Counting2", "Counting3"), ("Counting1",), ("plan
 _ADJ = ["North", "South", "East", "West", "Old", "New", "Upper", "Lower", "Grand", "Little", "Royal", "Green"]
 _NOUN = ["Park", "Bridge", "Market", "Harbor", "Hill", "Gate", "Square", "Cross", "Field", "Garden", "Tower",
          "Mill", "Lake", "Court", "Abbey", "Wharf", "Common", "Street"]  # fmt: skip
-_LINES = ["Red Line", "Blue Line", "Green Line", "Yellow Line", "Purple Line", "Orange Line", "Brown Line"]
+LINE_NAMES = [
+    "Red Line",
+    "Blue Line",
+    "Green Line",
+    "Yellow Line",
+    "Purple Line",
+    "Orange Line",
+    "Brown Line",
+]
+STATION_NAMES = tuple(f"{a} {n}" for a in _ADJ for n in _NOUN)
 # difficulty -> (number of lines, stations per line)
-_SIZES = {"easy": (3, 5), "middle": (4, 7), "hard": (5, 9)}
+SIZES = {"easy": (3, 5), "middle": (4, 7), "hard": (5, 9)}
 
 
 def random_network(rng: random.Random, num_lines: int, stations_per_line: int) -> dict[str, list[str]]:
     """Connected network: every line after the first shares one or two stations with earlier lines."""
-    names = [f"{a} {n}" for a in _ADJ for n in _NOUN]
+    names = list(STATION_NAMES)
     rng.shuffle(names)
     fresh = iter(names)
     metro: dict[str, list[str]] = {}
-    for line in _LINES[:num_lines]:
+    for line in LINE_NAMES[:num_lines]:
         used = sorted({s for stops in metro.values() for s in stops})
         shared = rng.sample(used, min(len(used), rng.randint(1, 2))) if used else []
         stops = shared + [next(fresh) for _ in range(stations_per_line - len(shared))]
@@ -92,6 +112,70 @@ def format_route(legs: list[tuple[str, str, str]]) -> str:
     )
 
 
+def ask_question(
+    rng: random.Random, metro: dict[str, list[str]], qtype: str, difficulty: str
+) -> tuple[str, str, dict]:
+    """One question of type ``qtype`` about ``metro``: ``(question text, answer, meta)``.
+
+    The text names lines and stations but does not describe the map (the caller shows it, as text or as an
+    image); ``meta`` holds RewardMap's fields (module docstring) and ``answer_type``.
+    """
+    stations = sorted({s for stops in metro.values() for s in stops})
+    lines = list(metro)
+    meta = {"type": qtype, "difficulty_city": difficulty, "transfer_count": 0,
+            "station_1": "", "station_2": "", "metro": metro}  # fmt: skip
+    if qtype == "TorF1":
+        line = rng.choice(lines)
+        on = rng.random() < 0.5
+        pool = metro[line] if on else [s for s in stations if s not in metro[line]]
+        s = rng.choice(pool)
+        q = f"Is {s} a stop on the {line}? Answer yes or no."
+        answer, meta["answer"], meta["station_1"] = ("yes" if on else "no"), int(on), s
+    elif qtype == "TorF2":
+        s1, s2 = rng.sample(stations, 2)
+        same = any(s1 in st and s2 in st for st in metro.values())
+        q = f"Are {s1} and {s2} on a common line? Answer yes or no."
+        answer, meta["answer"] = ("yes" if same else "no"), int(same)
+        meta["station_1"], meta["station_2"] = s1, s2
+    elif qtype == "Counting1":
+        line = rng.choice(lines)
+        i, j = sorted(rng.sample(range(len(metro[line])), 2))
+        s1, s2 = metro[line][i], metro[line][j]
+        true = j - i - 1
+        options = sorted(set(range(max(0, true - 3), true + 4)) - {true})
+        options = sorted(rng.sample(options, 3) + [true])
+        letters = "ABCD"
+        choice_text = " ".join(f"{letters[k]}) {v}" for k, v in enumerate(options))
+        q = (f"On the {line}, how many stops lie strictly between {s1} and {s2}? {choice_text}. "
+             "Answer with the letter.")  # fmt: skip
+        idx = options.index(true)
+        answer, meta["answer"] = letters[idx], idx
+        meta["station_1"], meta["station_2"], meta["choices"] = s1, s2, options
+    elif qtype == "Counting2":
+        s = rng.choice(stations)
+        n = sum(s in st for st in metro.values())
+        q = f"How many lines stop at {s}? Answer with a number."
+        answer, meta["answer"], meta["station_1"] = str(n), n, s
+    elif qtype == "Counting3":
+        line = rng.choice(lines)
+        n = len(metro[line])
+        q = f"How many stations does the {line} have? Answer with a number."
+        answer, meta["answer"] = str(n), n
+    else:  # planning
+        s1, s2 = rng.sample(stations, 2)
+        legs = min_transfer_route(metro, s1, s2)
+        q = (f"Plan a route from {s1} to {s2} with as few transfers as possible. Write each leg as three "
+             "lines 'Route Name: <line>', 'Departure Stop: <station>', 'Arrival Stop: <station>' and put a "
+             "line '--' between legs.")  # fmt: skip
+        answer = format_route(legs)
+        meta.update(answer=len(legs), transfer_count=len(legs) - 1, station_1=s1, station_2=s2,
+                    route=legs)  # fmt: skip
+    meta["answer_type"] = {"TorF1": "yesno", "TorF2": "yesno", "Counting1": "choice"}.get(
+        qtype, "route" if qtype == "planning" else "numeric"
+    )
+    return q, answer, meta
+
+
 def _describe(metro: dict[str, list[str]]) -> str:
     return "Transit map (each line lists its stops in order):\n" + "\n".join(
         f"{line}: {' - '.join(stops)}" for line, stops in metro.items()
@@ -109,74 +193,13 @@ class TransitTask(Task):
 
     def __init__(self, types: list[str] | tuple[str, ...] = QUESTION_TYPES,
                  difficulties: list[str] | tuple[str, ...] = ("easy", "middle", "hard")):  # fmt: skip
-        bad = [t for t in types if t not in QUESTION_TYPES]
-        if bad or not types:
-            raise ValueError(
-                f"transit task: types must be a non-empty subset of {QUESTION_TYPES}, got {types}"
-            )
-        bad = [d for d in difficulties if d not in _SIZES]
-        if bad or not difficulties:
-            raise ValueError(
-                f"transit task: difficulties must be a subset of {tuple(_SIZES)}, got {difficulties}"
-            )
-        self.types, self.difficulties = tuple(types), tuple(difficulties)
+        self.types = check_subset("transit", "types", types, QUESTION_TYPES)
+        self.difficulties = check_subset("transit", "difficulties", difficulties, tuple(SIZES))
 
     def make(self, rng: random.Random) -> Example:
         difficulty = rng.choice(self.difficulties)
-        metro = random_network(rng, *_SIZES[difficulty])
+        metro = random_network(rng, *SIZES[difficulty])
         qtype = rng.choice(self.types)
-        stations = sorted({s for stops in metro.values() for s in stops})
-        lines = list(metro)
-        meta = {"type": qtype, "difficulty_city": difficulty, "transfer_count": 0,
-                "station_1": "", "station_2": "", "metro": metro}  # fmt: skip
-        if qtype == "TorF1":
-            line = rng.choice(lines)
-            on = rng.random() < 0.5
-            pool = metro[line] if on else [s for s in stations if s not in metro[line]]
-            s = rng.choice(pool)
-            q = f"Is {s} a stop on the {line}? Answer yes or no."
-            answer, meta["answer"], meta["station_1"] = ("yes" if on else "no"), int(on), s
-        elif qtype == "TorF2":
-            s1, s2 = rng.sample(stations, 2)
-            same = any(s1 in st and s2 in st for st in metro.values())
-            q = f"Are {s1} and {s2} on a common line? Answer yes or no."
-            answer, meta["answer"] = ("yes" if same else "no"), int(same)
-            meta["station_1"], meta["station_2"] = s1, s2
-        elif qtype == "Counting1":
-            line = rng.choice(lines)
-            i, j = sorted(rng.sample(range(len(metro[line])), 2))
-            s1, s2 = metro[line][i], metro[line][j]
-            true = j - i - 1
-            options = sorted(set(range(max(0, true - 3), true + 4)) - {true})
-            options = sorted(rng.sample(options, 3) + [true])
-            letters = "ABCD"
-            choice_text = " ".join(f"{letters[k]}) {v}" for k, v in enumerate(options))
-            q = (f"On the {line}, how many stops lie strictly between {s1} and {s2}? {choice_text}. "
-                 "Answer with the letter.")  # fmt: skip
-            idx = options.index(true)
-            answer, meta["answer"] = letters[idx], idx
-            meta["station_1"], meta["station_2"], meta["choices"] = s1, s2, options
-        elif qtype == "Counting2":
-            s = rng.choice(stations)
-            n = sum(s in st for st in metro.values())
-            q = f"How many lines stop at {s}? Answer with a number."
-            answer, meta["answer"], meta["station_1"] = str(n), n, s
-        elif qtype == "Counting3":
-            line = rng.choice(lines)
-            n = len(metro[line])
-            q = f"How many stations does the {line} have? Answer with a number."
-            answer, meta["answer"] = str(n), n
-        else:  # planning
-            s1, s2 = rng.sample(stations, 2)
-            legs = min_transfer_route(metro, s1, s2)
-            q = (f"Plan a route from {s1} to {s2} with as few transfers as possible. Write each leg as three "
-                 "lines 'Route Name: <line>', 'Departure Stop: <station>', 'Arrival Stop: <station>' and put a "
-                 "line '--' between legs.")  # fmt: skip
-            answer = format_route(legs)
-            meta.update(answer=len(legs), transfer_count=len(legs) - 1, station_1=s1, station_2=s2,
-                        route=legs)  # fmt: skip
-        meta["answer_type"] = {"TorF1": "yesno", "TorF2": "yesno", "Counting1": "choice"}.get(
-            qtype, "route" if qtype == "planning" else "numeric"
-        )
-        prompt = f"{_describe(metro)}\n\n{q} Put the final answer in <answer></answer>."
+        question, answer, meta = ask_question(rng, metro, qtype, difficulty)
+        prompt = f"{_describe(metro)}\n\n{question} Put the final answer in <answer></answer>."
         return Example([{"role": "user", "content": prompt}], answer, meta)
