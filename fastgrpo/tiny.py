@@ -306,7 +306,9 @@ def tiny_vlm(
         config = Config(text_config=text, vision_config=vision, **common)
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": max_pixels})
+        image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 56 * 56, "longest_edge": max_pixels}
+        )
         video = dict(size={"shortest_edge": 56 * 56, "longest_edge": max_pixels}, patch_size=14,
                      temporal_patch_size=2, merge_size=2)  # fmt: skip
         processor = make_processor(Processor, image_processor, tok, QWEN_VL_CHAT_TEMPLATE, video_kwargs=video)

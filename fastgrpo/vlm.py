@@ -142,7 +142,9 @@ class VisionInputs:
     def __post_init__(self) -> None:
         t = self.mm_token_type_ids
         if not isinstance(t, Tensor) or t.dim() != 1:
-            raise ValueError(f"mm_token_type_ids must be a 1-D tensor [P], got {getattr(t, 'shape', type(t))}")
+            raise ValueError(
+                f"mm_token_type_ids must be a 1-D tensor [P], got {getattr(t, 'shape', type(t))}"
+            )
         self.mm_token_type_ids = t.detach().to("cpu", torch.long)
         for name, items, code in (("images", self.images, IMAGE), ("videos", self.videos, VIDEO)):
             n_tok = int((self.mm_token_type_ids == code).sum())
@@ -211,7 +213,9 @@ def load_image(image: Any, *, where: str = "image") -> Any:
 
             arr = np.asarray(src)
             if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-                raise ValueError(f"{where}: an image array must be uint8 [H, W] or [H, W, C], got {arr.dtype} {arr.shape}")
+                raise ValueError(
+                    f"{where}: an image array must be uint8 [H, W] or [H, W, C], got {arr.dtype} {arr.shape}"
+                )
             img = Image.fromarray(arr)
         else:
             raise ValueError(
@@ -249,17 +253,23 @@ def load_video(video: Any, *, where: str = "video") -> tuple[list[Any], float]:
                 fps = float(stream.average_rate) if stream.average_rate else DEFAULT_FRAME_FPS
                 frames = [f.to_image() for f in container.decode(stream)]
         except (av.error.FFmpegError, IndexError, OSError) as e:
-            raise ValueError(f"{where}: cannot decode the video file {str(path)!r} ({type(e).__name__}: {e})") from e
+            raise ValueError(
+                f"{where}: cannot decode the video file {str(path)!r} ({type(e).__name__}: {e})"
+            ) from e
     elif isinstance(video, (list, tuple)) or (hasattr(video, "__array__") and getattr(video, "ndim", 0) == 4):
         frames, fps = list(video), DEFAULT_FRAME_FPS
     else:
-        raise ValueError(f"{where}: expected a list of frames or a video file path, got {type(video).__name__}")
+        raise ValueError(
+            f"{where}: expected a list of frames or a video file path, got {type(video).__name__}"
+        )
     if not frames:
         raise ValueError(f"{where}: the video has no frames")
     frames = [load_image(f, where=f"{where} frame {k}") for k, f in enumerate(frames)]
     sizes = {f.size for f in frames}
     if len(sizes) > 1:
-        raise ValueError(f"{where}: frames of different sizes {sorted(sizes)}; a video's frames share one size")
+        raise ValueError(
+            f"{where}: frames of different sizes {sorted(sizes)}; a video's frames share one size"
+        )
     return frames, fps
 
 
@@ -293,7 +303,11 @@ class FrameVideoProcessor:
         size = dict(size or {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768})
         self.size = {"shortest_edge": int(size.get("shortest_edge", size.get("min_pixels"))),
                      "longest_edge": int(size.get("longest_edge", size.get("max_pixels")))}  # fmt: skip
-        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        self.patch_size, self.temporal_patch_size, self.merge_size = (
+            patch_size,
+            temporal_patch_size,
+            merge_size,
+        )
         self.image_mean, self.image_std = list(image_mean), list(image_std)
         self.rescale_factor = rescale_factor
 
@@ -338,13 +352,19 @@ class FrameVideoProcessor:
         if not isinstance(videos, (list, tuple)) or not videos or not isinstance(videos[0], (list, tuple)):
             videos = [videos]
         outs = [self._one(v) for v in videos]
-        metas = list(video_metadata) if isinstance(video_metadata, (list, tuple)) else [video_metadata] * len(outs)
+        metas = (
+            list(video_metadata)
+            if isinstance(video_metadata, (list, tuple))
+            else [video_metadata] * len(outs)
+        )
         metas = [m if m is not None else VideoMetadata(total_num_frames=len(v), fps=DEFAULT_FRAME_FPS)
                  for m, v in zip(metas, videos)]  # fmt: skip
         return BatchFeature(
-            {"pixel_values_videos": torch.cat([o[0] for o in outs]),
-             "video_grid_thw": torch.tensor([o[1] for o in outs], dtype=torch.long),
-             "video_metadata": metas},  # fmt: skip
+            {
+                "pixel_values_videos": torch.cat([o[0] for o in outs]),
+                "video_grid_thw": torch.tensor([o[1] for o in outs], dtype=torch.long),
+                "video_metadata": metas,
+            },  # fmt: skip
             skip_tensor_conversion=["video_metadata"],
         )
 
@@ -384,7 +404,9 @@ def make_processor(
     :class:`FrameVideoProcessor` (module docstring)."""
     takes_video = "video_processor" in inspect.signature(processor_cls.__init__).parameters
     if not takes_video:
-        return processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+        return processor_cls(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+        )
     video_kwargs = dict(video_kwargs or {})
     if _torchvision_usable():
         from transformers import Qwen2VLVideoProcessor
@@ -392,7 +414,11 @@ def make_processor(
         return processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
                              video_processor=Qwen2VLVideoProcessor(**video_kwargs), **kwargs)  # fmt: skip
     proc = _without_video_check(processor_cls)(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **kwargs
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=chat_template,
+        **kwargs,
     )
     proc.video_processor = FrameVideoProcessor(**video_kwargs)
     return proc
@@ -486,7 +512,9 @@ def _parts(example: Any, index: int | None) -> tuple[int, int]:
                 n_vid += 1
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
-                    raise ValueError(f"{_where(index, f'messages[{m}].content[{k}]')}: a text part needs 'text'")
+                    raise ValueError(
+                        f"{_where(index, f'messages[{m}].content[{k}]')}: a text part needs 'text'"
+                    )
             else:
                 raise ValueError(
                     f"{_where(index, f'messages[{m}].content[{k}]')}: part type must be 'text', 'image' or 'video', "
@@ -495,7 +523,9 @@ def _parts(example: Any, index: int | None) -> tuple[int, int]:
     return n_img, n_vid
 
 
-def check_example(example: Any, index: int | None, processor: Any) -> tuple[list[Any], list[tuple[list[Any], float]]]:
+def check_example(
+    example: Any, index: int | None, processor: Any
+) -> tuple[list[Any], list[tuple[list[Any], float]]]:
     """Validate one example against ``processor`` (a processor, or a tokenizer for a text-only model) and load its
     media: ``(RGB images, [(frames, fps), ...])``. Raises ``ValueError`` naming the example and the field."""
     n_img, n_vid = _parts(example, index)
@@ -568,7 +598,9 @@ def encode_prompts(
     loaded = [check_example(ex, i, processor) for i, ex in enumerate(examples)]
     out: list[EncodedPrompt] = []
     for i, (ex, (images, videos)) in enumerate(zip(examples, loaded)):
-        text = processor.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = processor.apply_chat_template(
+            ex.messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         if not is_processor(processor):
             out.append(EncodedPrompt(processor(text, add_special_tokens=False)["input_ids"], None, text))
             continue
@@ -586,7 +618,9 @@ def encode_prompts(
             raise ValueError(f"example {i}: the processor refused the prompt: {e}") from e
         ids = enc["input_ids"][0]
         types = enc.get("mm_token_type_ids")
-        types = torch.as_tensor(processor.create_mm_token_type_ids([ids.tolist()])[0] if types is None else types[0])
+        types = torch.as_tensor(
+            processor.create_mm_token_type_ids([ids.tolist()])[0] if types is None else types[0]
+        )
         if not images and not videos:
             out.append(EncodedPrompt(ids.tolist(), None, text))
             continue
@@ -663,7 +697,9 @@ def vlm_body(model: nn.Module) -> nn.Module | None:
         return None
     body = getattr(inner, "model", inner)
     if not callable(getattr(body, "get_image_features", None)):
-        raise ValueError(f"{type(inner).__name__} has a vision config but no get_image_features(): unsupported")
+        raise ValueError(
+            f"{type(inner).__name__} has a vision config but no get_image_features(): unsupported"
+        )
     return body
 
 
@@ -699,7 +735,9 @@ def set_vision_trainable(model: nn.Module, trainable: bool) -> nn.Module:
 
 
 def _vision_needs_grad(model: nn.Module) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for _, m in vision_modules(model) for p in m.parameters())
+    return torch.is_grad_enabled() and any(
+        p.requires_grad for _, m in vision_modules(model) for p in m.parameters()
+    )
 
 
 def encode_media(model: nn.Module, items: Sequence[MediaItem], modality: str) -> list[Tensor]:
@@ -708,7 +746,9 @@ def encode_media(model: nn.Module, items: Sequence[MediaItem], modality: str) ->
     frozen."""
     body = vlm_body(model)
     if body is None:
-        raise ValueError(f"{type(_unwrap(model)).__name__} is a text-only model: it cannot encode {modality}s")
+        raise ValueError(
+            f"{type(_unwrap(model)).__name__} is a text-only model: it cannot encode {modality}s"
+        )
     if not items:
         return []
     device = next(body.parameters()).device
@@ -723,7 +763,9 @@ def encode_media(model: nn.Module, items: Sequence[MediaItem], modality: str) ->
     feats = list(feats) if not isinstance(feats, Tensor) else list(feats.unbind(0))
     feats = [f.reshape(-1, f.shape[-1]) for f in feats]
     if len(feats) != len(items):
-        raise ValueError(f"the vision encoder returned {len(feats)} feature blocks for {len(items)} {modality}s")
+        raise ValueError(
+            f"the vision encoder returned {len(feats)} feature blocks for {len(items)} {modality}s"
+        )
     return feats
 
 
@@ -733,7 +775,9 @@ def mrope_positions(model: nn.Module, vision: VisionInputs, num_completion_token
     of a completion of length ``l <= L`` are the first ``P + l`` columns."""
     body = vlm_body(model)
     if body is None or not callable(getattr(body, "get_rope_index", None)):
-        raise ValueError(f"{type(_unwrap(model)).__name__} has no multimodal rotary positions (get_rope_index)")
+        raise ValueError(
+            f"{type(_unwrap(model)).__name__} has no multimodal rotary positions (get_rope_index)"
+        )
     types = torch.cat([vision.mm_token_type_ids, torch.zeros(num_completion_tokens, dtype=torch.long)])
     kw: dict[str, Any] = {}
     if vision.images:
