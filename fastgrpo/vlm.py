@@ -283,11 +283,18 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pix
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-class FrameVideoProcessor:
+def _push_to_hub_mixin() -> type:
+    from transformers.utils import PushToHubMixin
+
+    return PushToHubMixin
+
+
+class FrameVideoProcessor(_push_to_hub_mixin()):
     """Qwen2-VL-family video processing without torchvision (module docstring: what it computes, and when it
     refuses). Duck-types the processor's ``video_processor``: ``processor(text=..., videos=...)`` works."""
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    _auto_class = None  # read by ProcessorMixin.save_pretrained
 
     def __init__(
         self,
