@@ -247,6 +247,7 @@ def tiny_vlm(
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     max_pixels: int = 28 * 28 * 64,
+    vocab_size: int | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """A random vision-language model of ``family`` (:data:`TINY_VLM_FAMILIES`) and its processor, built in code.
 
@@ -257,13 +258,15 @@ def tiny_vlm(
     (``min_pixels`` 56x56 here, so small frames keep their size). LLaVA: a CLIP vision tower on
     ``image_size`` pixels with patch 7 (``(image_size/7)^2`` tokens per image, the CLS token dropped) and a
     2-layer projector, in front of a Qwen2 decoder. Weights are drawn from ``N(0, init_std)`` under a private
-    RNG seeded with ``seed`` (bit-identical across calls); ``model.eval()`` is returned.
+    RNG seeded with ``seed`` (bit-identical across calls); ``model.eval()`` is returned. ``vocab_size`` (at
+    least the tokenizer's) pads the embedding and LM head with rows no token maps to (benchmarks at a real
+    vocabulary's LM-head cost).
     """
     from .vlm import make_processor
 
     tok = tiny_vl_tokenizer(family)
     text = dict(
-        vocab_size=len(tok),
+        vocab_size=max(vocab_size or 0, len(tok)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
