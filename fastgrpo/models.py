@@ -153,11 +153,18 @@ def _quantized_copy(policy: nn.Module, mode: str, pretrained: str | os.PathLike 
 
     dtype = _model_dtype(policy)
     device = _model_device(policy)
+    # a VLM's vision modules stay in the policy dtype (as published quantized VLMs keep them; bitsandbytes'
+    # CPU 4-bit packing also fails on layers narrower than its block)
+    skip: dict[str, Any] = {}
+    if _vlm.is_vlm(policy):
+        vision = {id(m) for _, m in _vlm.vision_modules(policy)}
+        names = [n for n, m in _vlm._unwrap(policy).named_modules() if id(m) in vision]  # full paths
+        skip["llm_int8_skip_modules"] = ["lm_head", *names]
     if mode == "int8":
-        qconfig = BitsAndBytesConfig(load_in_8bit=True)
+        qconfig = BitsAndBytesConfig(load_in_8bit=True, **skip)
     else:
         qconfig = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, **skip
         )
     attn = getattr(getattr(policy, "config", None), "_attn_implementation", None)
     kwargs: dict[str, Any] = dict(quantization_config=qconfig, dtype=dtype, device_map={"": str(device)})

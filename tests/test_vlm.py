@@ -315,3 +315,24 @@ def test_saved_tiny_vlm_reloads_with_its_processor(tmp_path):
         if x.vision is not None:
             for i, j in zip(x.vision.images + x.vision.videos, y.vision.images + y.vision.videos):
                 assert i.key == j.key
+
+
+@pytest.mark.slow  # bitsandbytes save / re-load: ~10 s each on an idle 2-core machine
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantized_reference_of_a_vlm(mode):
+    """int8 / nf4 references of a VLM re-load as image-text-to-text models, the vision modules unquantized."""
+    model, proc = tiny_vlm("qwen2-vl", init_std=0.02)
+    enc = encode_prompts(proc, _examples(video=False))
+    comps = _completions(proc, len(enc))
+    batch = pack_shared_prompt([e.ids for e in enc], comps, vision=[e.vision for e in enc])
+    with torch.no_grad():
+        want = packed_logprobs(model, batch)
+    ref = ReferenceModel.from_policy(model, mode)
+    assert type(ref.model) is type(model)
+    assert all(
+        type(m) is torch.nn.Linear
+        for m in vlm_body(ref.model).visual.modules()
+        if "Linear" in type(m).__name__
+    )
+    assert type(vlm_body(ref.model).language_model.layers[0].self_attn.q_proj) is not torch.nn.Linear
+    assert (ref.logprobs(batch) - want).abs().max().item() < 0.1  # quantization error only
