@@ -40,7 +40,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _backends
+from . import vlm as _vlm
 from .ema import EMAReference
 from .packing import PackedBatch, default_attn_implementation, packed_logprobs
 
@@ -61,6 +62,10 @@ __all__ = [
     "smollm2_dir",
     "load_smollm2",
     "load_causal_lm",
+    "load_policy",
+    "TINY_MODELS",
+    "apply_lora",
+    "lora_target_modules",
 ]
 
 REFERENCE_MODES = ("frozen", "int8", "nf4", "offload", "ema", "adapter-off", "none")
@@ -141,22 +146,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _quantized_copy(policy: nn.Module, mode: str, pretrained: str | os.PathLike | None) -> nn.Module:
     _backends.load_bnb()  # the install hint when bitsandbytes is missing
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig
+
+    # a vision-language policy re-loads as one (AutoModelForCausalLM would drop the vision tower)
+    auto = AutoModelForImageTextToText if _vlm.is_vlm(policy) else AutoModelForCausalLM
 
     dtype = _model_dtype(policy)
     device = _model_device(policy)
+    # a VLM's vision modules stay in the policy dtype (as published quantized VLMs keep them; bitsandbytes'
+    # CPU 4-bit packing also fails on layers narrower than its block)
+    skip: dict[str, Any] = {}
+    if _vlm.is_vlm(policy):
+        vision = {id(m) for _, m in _vlm.vision_modules(policy)}
+        names = [n for n, m in _vlm._unwrap(policy).named_modules() if id(m) in vision]  # full paths
+        skip["llm_int8_skip_modules"] = ["lm_head", *names]
     if mode == "int8":
-        qconfig = BitsAndBytesConfig(load_in_8bit=True)
+        qconfig = BitsAndBytesConfig(load_in_8bit=True, **skip)
     else:
         qconfig = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, **skip
         )
     attn = getattr(getattr(policy, "config", None), "_attn_implementation", None)
     kwargs: dict[str, Any] = dict(quantization_config=qconfig, dtype=dtype, device_map={"": str(device)})
     if attn:
         kwargs["attn_implementation"] = attn
     if pretrained is not None:
-        return _freeze(AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=True, **kwargs))
+        return _freeze(auto.from_pretrained(pretrained, local_files_only=True, **kwargs))
     # From the in-memory policy: its current weights (a PEFT adapter merged in) through a temporary checkpoint,
     # so transformers' own bitsandbytes loader does the quantization.
     source = policy
@@ -164,7 +179,7 @@ def _quantized_copy(policy: nn.Module, mode: str, pretrained: str | os.PathLike 
         source = copy.deepcopy(policy).merge_and_unload()
     with tempfile.TemporaryDirectory(prefix="fastgrpo-ref-") as tmp:
         source.save_pretrained(tmp)
-        model = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, **kwargs)
+        model = auto.from_pretrained(tmp, local_files_only=True, **kwargs)
     return _freeze(model)
 
 
@@ -496,3 +511,106 @@ def load_causal_lm(
     tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
     tok.padding_side = "left"
     return model, tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one loader for text and vision-language policies, LoRA
+
+#: Names :func:`load_policy` builds in code: the tiny text model and the tiny VLMs of :mod:`fastgrpo.tiny`.
+TINY_MODELS = ("tiny", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava")
+
+
+def _is_vlm_checkpoint(path: Path) -> bool:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_policy(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str | None = None,
+    seed: int = 0,
+    vision_trainable: bool = False,
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer or processor)`` for a text or a vision-language policy, the kind read from the config.
+
+    ``name``: one of :data:`TINY_MODELS`, ``"smollm2"``, or a local checkpoint directory: a config with a
+    ``vision_config`` loads through ``AutoModelForImageTextToText`` with its processor
+    (:func:`fastgrpo.vlm.load_processor`), anything else through :func:`load_causal_lm` with its tokenizer.
+    Never downloads. A vision-language model's vision modules are frozen unless ``vision_trainable``
+    (:func:`fastgrpo.vlm.set_vision_trainable`); a processor's tokenizer pads on the left (generation).
+    """
+    attn = attn_implementation or default_attn_implementation(device)
+    if name.startswith("tiny-"):
+        from .tiny import TINY_VLM_FAMILIES, tiny_vlm
+
+        family = name[len("tiny-") :]
+        if family not in TINY_VLM_FAMILIES:
+            raise ValueError(f"unknown tiny model {name!r}: one of {TINY_MODELS}")
+        model, processor = tiny_vlm(family, seed=seed, dtype=dtype, attn_implementation=attn)
+        model = model.to(device)
+    elif (
+        name not in TINY_MODELS
+        and Path(name).expanduser().is_dir()
+        and _is_vlm_checkpoint(Path(name).expanduser())
+    ):
+        from transformers import AutoModelForImageTextToText
+
+        path = Path(name).expanduser()
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, local_files_only=True, attn_implementation=attn
+        ).to(device)
+        processor = _vlm.load_processor(path)
+    else:
+        return load_causal_lm(name, dtype=dtype, device=device, attn_implementation=attn, seed=seed)
+    _vlm.set_vision_trainable(model, vision_trainable)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def lora_target_modules(model: nn.Module, names: Sequence[str], *, vision: bool = False) -> list[str]:
+    """Full names of the ``nn.Linear`` modules whose last name component is in ``names`` (e.g. ``q_proj``),
+    in the language model only unless ``vision`` (a vision tower reuses such names: CLIP's ``q_proj``,
+    Qwen2.5-VL's ``gate_proj``). Raises ``ValueError`` when nothing matches."""
+    inner = _vlm._unwrap(model)
+    skip = [] if vision else [m for _, m in _vlm.vision_modules(inner)]
+    skipped = {id(sub) for m in skip for sub in m.modules()}
+    wanted = set(names)
+    found = [
+        n for n, m in inner.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in wanted and id(m) not in skipped
+    ]  # fmt: skip
+    if not found:
+        raise ValueError(
+            f"no linear layer named {sorted(wanted)} in the {'model' if vision else 'language model'} of "
+            f"{type(inner).__name__}"
+        )
+    return found
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    vision: bool = False,
+) -> nn.Module:
+    """A peft LoRA model of ``model`` with adapters on ``target_modules`` (:func:`lora_target_modules`: the
+    language model only unless ``vision``). For a text model this is the same adapter set as
+    ``LoraConfig(target_modules=target_modules)``."""
+    from peft import LoraConfig, get_peft_model
+
+    if _vlm.is_vlm(model):
+        targets: Any = lora_target_modules(model, target_modules, vision=vision)
+    else:
+        targets = list(target_modules)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)

@@ -85,13 +85,17 @@ import torch
 from torch import Tensor, nn
 
 from . import _backends
+from . import vlm as _vlm
 from .ops.linear_logprobs import linear_logprobs
+from .vlm import VisionInputs
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "IGNORE_INDEX",
     "PackedBatch",
+    "PackedVision",
+    "mrope_position_ids",
     "LMHead",
     "pack",
     "pack_shared_prompt",
@@ -117,6 +121,93 @@ TokenIds = Sequence[int] | Tensor
 
 
 @dataclass
+class PackedVision:
+    """The vision side of one packed row (vision-language models; module docstring: multimodal rows).
+
+    Attributes (``N`` row tokens, ``C`` prompt copies in the row: ``B`` for :func:`pack`, ``S`` groups for
+    :func:`pack_shared_prompt`):
+        mm_token_type_ids: ``[N]`` int64, 0 text, 1 image placeholder, 2 video placeholder.
+        images, videos: the row's unique media items (deduplicated by content hash): the vision encoder runs
+            once per entry.
+        image_index, video_index: ``[K]`` int64, the unique item filling each placeholder run of the row, in
+            row order (``K`` = media occurrences in the row).
+        prompts: ``C`` entries, the :class:`fastgrpo.vlm.VisionInputs` of each prompt copy in row order (None
+            for a text-only prompt); M-RoPE positions are computed from them.
+    """
+
+    mm_token_type_ids: Tensor
+    images: list[_vlm.MediaItem]
+    videos: list[_vlm.MediaItem]
+    image_index: Tensor
+    video_index: Tensor
+    prompts: list[VisionInputs | None]
+
+    @property
+    def num_media(self) -> int:
+        """Unique images + videos (vision-encoder inputs) of the row."""
+        return len(self.images) + len(self.videos)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedVision:
+        return replace(
+            self,
+            mm_token_type_ids=self.mm_token_type_ids.to(device, non_blocking=non_blocking),
+            images=[it.to(device, non_blocking) for it in self.images],
+            videos=[it.to(device, non_blocking) for it in self.videos],
+            image_index=self.image_index.to(device, non_blocking=non_blocking),
+            video_index=self.video_index.to(device, non_blocking=non_blocking),
+        )
+
+
+def _check_vision(vision: Sequence[VisionInputs | None] | None, prompts: Sequence[Tensor]) -> None:
+    if vision is None:
+        return
+    if len(vision) != len(prompts):
+        raise ValueError(f"got {len(vision)} vision entries for {len(prompts)} prompts; they pair one to one")
+    for i, (v, p) in enumerate(zip(vision, prompts)):
+        if v is None:
+            continue
+        if not isinstance(v, VisionInputs):
+            raise ValueError(
+                f"vision[{i}] must be a fastgrpo.vlm.VisionInputs or None, got {type(v).__name__}"
+            )
+        if v.num_prompt_tokens != p.numel():
+            raise ValueError(
+                f"vision[{i}] describes {v.num_prompt_tokens} prompt tokens but prompts[{i}] has {p.numel()}; "
+                "pass the ids encode_prompts returned with their vision inputs"
+            )
+
+
+def _pack_vision(
+    vision: Sequence[VisionInputs | None] | None, starts: Sequence[int], n_tokens: int
+) -> PackedVision | None:
+    """The :class:`PackedVision` of a row whose prompt copy ``c`` starts at row offset ``starts[c]``."""
+    if vision is None or all(v is None for v in vision):
+        return None
+    types = torch.zeros(n_tokens, dtype=torch.long)
+    unique: dict[str, dict[str, int]] = {"image": {}, "video": {}}
+    items: dict[str, list[_vlm.MediaItem]] = {"image": [], "video": []}
+    index: dict[str, list[int]] = {"image": [], "video": []}
+    for v, s in zip(vision, starts):
+        if v is None:
+            continue
+        types[s : s + v.num_prompt_tokens] = v.mm_token_type_ids
+        for modality in ("image", "video"):
+            for it in v.items(modality):
+                if it.key not in unique[modality]:
+                    unique[modality][it.key] = len(items[modality])
+                    items[modality].append(it)
+                index[modality].append(unique[modality][it.key])
+    return PackedVision(
+        mm_token_type_ids=types,
+        images=items["image"],
+        videos=items["video"],
+        image_index=torch.as_tensor(index["image"], dtype=torch.long),
+        video_index=torch.as_tensor(index["video"], dtype=torch.long),
+        prompts=list(vision),
+    )
+
+
+@dataclass
 class PackedBatch:
     """One packed row and its loss-side description (module docstring: layout).
 
@@ -135,6 +226,7 @@ class PackedBatch:
             its group otherwise); None for plain packing.
         group_sizes: ``[S]`` int64 completions per group (shared-prompt rows), None for plain packing.
         tokens_saved: prompt tokens not repeated thanks to prompt sharing (0 for plain packing).
+        vision: the row's images / videos (:class:`PackedVision`), None for a text-only row.
     """
 
     input_ids: Tensor
@@ -150,6 +242,7 @@ class PackedBatch:
     branch_ids: Tensor | None = None
     group_sizes: Tensor | None = None
     tokens_saved: int = 0
+    vision: PackedVision | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -179,7 +272,7 @@ class PackedBatch:
         moved = {
             f.name: (
                 getattr(self, f.name).to(device, non_blocking=non_blocking)
-                if isinstance(getattr(self, f.name), Tensor)
+                if isinstance(getattr(self, f.name), (Tensor, PackedVision))
                 else getattr(self, f.name)
             )
             for f in fields(self)
@@ -299,11 +392,15 @@ def pack(
     prompts: Sequence[TokenIds],
     completions: Sequence[TokenIds],
     *,
+    vision: Sequence[VisionInputs | None] | None = None,
     device: torch.device | str | None = None,
 ) -> PackedBatch:
     """Pack ``B`` (prompt, completion) pairs of 1-D token ids into one row (module docstring: layout).
 
-    Raises ``ValueError`` for mismatched counts, an empty prompt or completion, non-integer or negative ids.
+    ``vision[b]``: the images / videos of ``prompts[b]`` (:func:`fastgrpo.vlm.encode_prompts`), None for a
+    text-only prompt; the row then carries a :class:`PackedVision` (equal media are encoded once per row).
+    Raises ``ValueError`` for mismatched counts, an empty prompt or completion, non-integer or negative ids,
+    vision inputs that do not match their prompt.
     """
     if len(prompts) != len(completions):
         raise ValueError(
@@ -315,6 +412,7 @@ def pack(
     cs = [_as_ids(c, "completions", i) for i, c in enumerate(completions)]
     for i, (p, c) in enumerate(zip(ps, cs)):
         _check_pair(p, c, i)
+    _check_vision(vision, ps)
     p_lens = [p.numel() for p in ps]
     c_lens = [c.numel() for c in cs]
     seq_lens = [a + b for a, b in zip(p_lens, c_lens)]
@@ -338,6 +436,7 @@ def pack(
         completion_cu_seqlens=_cu(c_lens),
         prompt_lens=torch.as_tensor(p_lens, dtype=torch.long),
         completion_lens=torch.as_tensor(c_lens, dtype=torch.long),
+        vision=_pack_vision(vision, cu[:-1].tolist(), int(cu[-1])),
     )
     return batch if device is None else batch.to(device)
 
@@ -346,6 +445,7 @@ def pack_shared_prompt(
     prompts: Sequence[TokenIds],
     completions: Sequence[Sequence[TokenIds]],
     *,
+    vision: Sequence[VisionInputs | None] | None = None,
     device: torch.device | str | None = None,
 ) -> PackedBatch:
     """Pack groups ``[prompt_g, c_g1, ..., c_gG]`` with one copy of each prompt (module docstring).
@@ -353,6 +453,8 @@ def pack_shared_prompt(
     Args:
         prompts: one prompt per group.
         completions: ``completions[g]`` is the list of the ``G_g >= 1`` completions of ``prompts[g]``.
+        vision: ``vision[g]`` the images / videos of ``prompts[g]`` (None: text-only), stored once per group
+            with the prompt: the vision encoder runs once per unique media item of the row.
     Sequence order in the ``[M]`` layout is group-major (the order of ``num_return_sequences`` rollouts).
     """
     if len(prompts) != len(completions):
@@ -360,7 +462,7 @@ def pack_shared_prompt(
     if len(prompts) == 0:
         raise ValueError("nothing to pack: prompts and completions are empty")
     ids, pos, branch, cmask, targets, logit_index = [], [], [], [], [], []
-    p_lens, c_lens, group_lens, group_sizes = [], [], [], []
+    p_lens, c_lens, group_lens, group_sizes, prompt_ids = [], [], [], [], []
     offset, saved, b = 0, 0, 0
     for g, (prompt, group) in enumerate(zip(prompts, completions)):
         p = _as_ids(prompt, "prompts", g)
@@ -373,6 +475,7 @@ def pack_shared_prompt(
             _check_pair(p, c, b)
             b += 1
         n_p = p.numel()
+        prompt_ids.append(p)
         ids.append(p)
         pos.append(torch.arange(n_p))
         branch.append(torch.full((n_p,), -1, dtype=torch.long))
@@ -396,10 +499,12 @@ def pack_shared_prompt(
         group_sizes.append(len(cs))
         saved += (len(cs) - 1) * n_p
         offset = cursor
+    _check_vision(vision, prompt_ids)
+    cu = _cu(group_lens)
     batch = PackedBatch(
         input_ids=torch.cat(ids)[None],
         position_ids=torch.cat(pos)[None],
-        cu_seqlens=_cu(group_lens),
+        cu_seqlens=cu,
         max_seqlen=max(group_lens),
         completion_mask=torch.cat(cmask)[None],
         targets=torch.cat(targets),
@@ -410,6 +515,7 @@ def pack_shared_prompt(
         branch_ids=torch.cat(branch),
         group_sizes=torch.as_tensor(group_sizes, dtype=torch.long),
         tokens_saved=saved,
+        vision=_pack_vision(vision, cu[:-1].tolist(), int(cu[-1])),
     )
     return batch if device is None else batch.to(device)
 
@@ -842,6 +948,12 @@ def packed_forward(model: nn.Module, batch: PackedBatch, **model_kwargs: Any) ->
     model_kwargs.pop("use_cache", None)
     if batch.input_ids.dim() != 2 or batch.input_ids.shape[0] != 1:
         raise ValueError(f"batch.input_ids must be [1, N], got {tuple(batch.input_ids.shape)}")
+    multimodal = batch.vision is not None or _vlm.uses_mrope(model)
+    if batch.vision is not None and not _vlm.is_vlm(model):
+        raise ValueError(
+            f"this row has {batch.vision.num_media} image(s) / video(s) but {type(_unwrap(model)).__name__} is a "
+            "text-only model: load an image-text-to-text model (a text-only forward would silently drop them)"
+        )
     impl = attn_implementation_of(model)
     decoder = decoder_of(model)
     kwargs: dict[str, Any] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
@@ -870,6 +982,8 @@ def packed_forward(model: nn.Module, batch: PackedBatch, **model_kwargs: Any) ->
         kwargs.update(
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen
         )
+    if multimodal:
+        _multimodal_inputs(model, decoder, batch, kwargs)
     kwargs.update(model_kwargs)
     token = _SKIP_MASK.set(impl == VARLEN_ATTENTION and not batch.is_shared_prompt)
     try:
@@ -880,10 +994,90 @@ def packed_forward(model: nn.Module, batch: PackedBatch, **model_kwargs: Any) ->
     return hidden[0]
 
 
+def _multimodal_inputs(
+    model: nn.Module, decoder: nn.Module, batch: PackedBatch, kwargs: dict[str, Any]
+) -> None:
+    """Vision-language rows: ``input_ids`` -> ``inputs_embeds`` with the vision features scattered in at the
+    placeholder tokens (the encoder run once per unique media item of the row), and M-RoPE position ids."""
+    embeds = decoder.get_input_embeddings()(batch.input_ids)
+    v = batch.vision
+    if v is not None:
+        for modality, code, items, index in (
+            ("image", _vlm.IMAGE, v.images, v.image_index),
+            ("video", _vlm.VIDEO, v.videos, v.video_index),
+        ):
+            mask = v.mm_token_type_ids == code
+            n_tokens = int(mask.sum())
+            if not items:
+                continue  # VisionInputs guarantees no placeholders without media
+            feats = _vlm.encode_media(model, items, modality)
+            row = torch.cat([feats[i] for i in index.tolist()])
+            if row.shape[0] != n_tokens:
+                raise ValueError(
+                    f"the row has {n_tokens} {modality} placeholder tokens but its {len(index)} {modality}(s) give "
+                    f"{row.shape[0]} features: the prompt ids were not expanded by this model's processor"
+                )
+            embeds = embeds.masked_scatter(mask.view(1, -1, 1).expand_as(embeds), row.to(embeds.dtype))
+    del kwargs["input_ids"]
+    kwargs["inputs_embeds"] = embeds
+    if _vlm.uses_mrope(model):
+        kwargs["position_ids"] = mrope_position_ids(model, batch)
+
+
+def _prompt_spans(batch: PackedBatch) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Per prompt copy in row order: ``(row start, P, [(completion row start, L), ...])``."""
+    cu, p_lens, c_lens = batch.cu_seqlens.tolist(), batch.prompt_lens.tolist(), batch.completion_lens.tolist()
+    if not batch.is_shared_prompt:
+        return [(cu[b], p, [(cu[b] + p, c)]) for b, (p, c) in enumerate(zip(p_lens, c_lens))]
+    spans, b = [], 0
+    for g, size in enumerate(batch.group_sizes.tolist()):
+        p, cursor, comps = p_lens[b], cu[g] + p_lens[b], []
+        for c in c_lens[b : b + size]:
+            comps.append((cursor, c))
+            cursor += c
+        spans.append((cu[g], p, comps))
+        b += size
+    return spans
+
+
+def mrope_position_ids(model: nn.Module, batch: PackedBatch) -> Tensor:
+    """``[4, 1, N]`` int64 position ids of a packed row for a model with multimodal rotary positions.
+
+    Row 0: ``batch.position_ids`` (text positions restarting per sequence, or continuing from ``P`` after a
+    shared prompt: transformers reads packed boundaries from it). Rows 1-3: t / h / w positions of each sample,
+    from the model's ``get_rope_index`` on the sample's prompt followed by its completion (text tokens), i.e.
+    what the model computes for the unpacked sample; a completion behind a shared prompt gets the positions it
+    has behind its own copy. Text-only prompts: the text positions (as transformers computes them).
+    """
+    text = batch.position_ids[0]
+    out = text.expand(4, -1).clone()
+    v = batch.vision
+    if v is None:
+        return out[:, None]
+    spans = _prompt_spans(batch)
+    longest: dict[int, int] = {}
+    for vi, (_, _, comps) in zip(v.prompts, spans):
+        if vi is not None:
+            longest[id(vi)] = max(longest.get(id(vi), 0), max(c for _, c in comps))
+    cache: dict[int, Tensor] = {}  # one get_rope_index per distinct prompt (copies of plain packing share it)
+    for vi, (start, p, comps) in zip(v.prompts, spans):
+        if vi is None:
+            continue
+        if id(vi) not in cache:
+            cache[id(vi)] = _vlm.mrope_positions(model, vi, longest[id(vi)]).to(out.device)
+        pos = cache[id(vi)]
+        out[1:, start : start + p] = pos[:, :p]
+        for c_start, c in comps:
+            out[1:, c_start : c_start + c] = pos[:, p : p + c]
+    return out[:, None]
+
+
 def _check_sliding_window(model: nn.Module, batch: PackedBatch) -> None:
     # An explicit 4-D mask (shared prompts) replaces the sliding-window mask too, and the varlen fallback runs
     # plain causal attention: both are exact only while no segment exceeds the window.
     config = getattr(_unwrap(model), "config", None)
+    if hasattr(config, "get_text_config"):  # a vision-language model's decoder settings
+        config = config.get_text_config()
     layer_types = getattr(config, "layer_types", None) or []
     window = getattr(config, "sliding_window", None)
     if "sliding_attention" in layer_types and window and batch.max_seqlen > window:

@@ -89,3 +89,18 @@ def test_mismatch_voids_the_row(monkeypatch):
     assert any(r["backend"] == "ours" and r["metric"] == "time" for r in res.rows)
     assert [float(r["p50"]) for r in res.rows if r["metric"] == "check"] == [1.0, 0.0]
     assert any("absent" in n for n in res.notes)
+
+
+def test_vlm_bench_smoke(tmp_path):
+    """bench/bench_vlm.py --smoke: the three layouts agree (checked before timing) and the CSV is written."""
+    from bench.bench_vlm import main as vlm_main
+
+    assert vlm_main(["--smoke", "--no-memory", "--out", str(tmp_path)]) == 0
+    header, rows = _rows(tmp_path / "vlm_cpu_smoke.csv")
+    assert header == H.COLUMNS
+    checks = [r for r in rows if r["metric"] == "check"]
+    assert {r["backend"] for r in checks} == {"per-completion", "trl"} and all(
+        float(r["p50"]) == 1.0 for r in checks
+    )
+    timed = {r["backend"] for r in rows if r["metric"] == "tokens_per_s"}
+    assert timed == {"prompt-once", "per-completion", "trl"}
