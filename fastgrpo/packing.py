@@ -668,6 +668,7 @@ def pack_micro_batches(
     *,
     shared_prompt: bool = False,
     group_size: int = 1,
+    vision: Sequence[VisionInputs | None] | None = None,
     rank: int = 0,
     num_ranks: int = 1,
     pad_id: int = 0,
@@ -675,15 +676,19 @@ def pack_micro_batches(
 ) -> list[MicroBatch]:
     """This rank's token-budget micro-batches of a rollout batch (:func:`plan_micro_batches` + packing).
 
-    ``prompts`` / ``completions``: one pair per sequence, ``B`` in all. With ``shared_prompt`` the sequences are
+    ``prompts`` / ``completions`` (and ``vision``, the images / videos of each sequence's prompt, for a
+    vision-language model): one per sequence, ``B`` in all. With ``shared_prompt`` the sequences are
     ``B / group_size`` groups of ``group_size`` consecutive sequences sharing one prompt (the rollout's
-    prompt-major order); whole groups are planned and packed behind one copy of their prompt
-    (:func:`pack_shared_prompt`), so the prompt runs once, not ``G`` times. Otherwise each sequence is an item
-    (:func:`pack`). A rank with fewer items than micro-batches gets padding micro-batches (see
-    :class:`MicroBatch`), built from ``pad_id``.
+    prompt-major order); whole groups are planned and packed behind one copy of their prompt and its images
+    (:func:`pack_shared_prompt`), so the prompt and the vision encoder run once, not ``G`` times. Otherwise each
+    sequence is an item (:func:`pack`). A rank with fewer items than micro-batches gets padding micro-batches
+    (see :class:`MicroBatch`), built from ``pad_id``.
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    if len(prompts) != len(completions) or (vision is not None and len(vision) != len(prompts)):
+        raise ValueError(
+            f"got {len(prompts)} prompts, {len(completions)} completions and "
+            f"{'no' if vision is None else len(vision)} vision entries; they pair one to one"
+        )
     if not 0 <= rank < num_ranks:
         raise ValueError(f"rank={rank} must lie in [0, num_ranks={num_ranks})")
     g = group_size if shared_prompt else 1
@@ -695,13 +700,16 @@ def pack_micro_batches(
     out = []
     for items in plan:
         index = [i * g + j for i in items for j in range(g)]
+        firsts = [i * g for i in items]
         if not items:
             rows = pack([[pad_id]], [[pad_id]], device=device)
         elif shared_prompt:
-            rows = pack_shared_prompt([prompts[i * g] for i in items],
-                                      [completions[i * g : (i + 1) * g] for i in items], device=device)  # fmt: skip
+            rows = pack_shared_prompt([prompts[i] for i in firsts], [completions[i : i + g] for i in firsts],
+                                      vision=None if vision is None else [vision[i] for i in firsts],
+                                      device=device)  # fmt: skip
         else:
-            rows = pack([prompts[i] for i in index], [completions[i] for i in index], device=device)
+            rows = pack([prompts[i] for i in index], [completions[i] for i in index],
+                        vision=None if vision is None else [vision[i] for i in index], device=device)  # fmt: skip
         out.append(MicroBatch(index, rows))
     return out
 

@@ -47,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_to_dict, resume_changes, resume_config
-from .models import ReferenceModel, load_causal_lm
+from .models import ReferenceModel, apply_lora, load_policy
 from .observability import MetricsLogger, PhaseTimer, peak_memory_mb, plot_run, read_metrics, reward_summary
 from .ops import grpo_loss
 from .packing import MicroBatch, PackedBatch, lm_head_of, pack_micro_batches, packed_forward, packed_logprobs
@@ -63,6 +63,7 @@ from .sampling import (
     stages_from_labels,
 )
 from .tasks import Example, build_task, render_prompt
+from .vlm import is_processor
 
 logger = logging.getLogger(__name__)
 
@@ -197,18 +198,21 @@ class Trainer:
         # -- model, tokenizer, LoRA, speed switches ------------------------------------------------------
         torch.manual_seed(cfg.train.seed)  # LoRA init: identical on every rank
         dtype = getattr(torch, cfg.model.dtype)
-        model, self.tokenizer = load_causal_lm(
+        model, self.processor = load_policy(
             cfg.model.name, dtype=dtype, device=self.device, attn_implementation=cfg.model.attn_implementation,
-            seed=cfg.train.seed,
+            seed=cfg.train.seed, vision_trainable=cfg.model.vision_trainable,
         )  # fmt: skip
-        if cfg.rollout.chat_template and not getattr(self.tokenizer, "chat_template", None):
+        # a vision-language model comes with a processor (its tokenizer inside), a text model with a tokenizer
+        self.tokenizer = self.processor.tokenizer if is_processor(self.processor) else self.processor
+        if cfg.rollout.chat_template and not getattr(self.processor, "chat_template", None):
             raise ConfigError(
                 f"rollout.chat_template: the tokenizer of {cfg.model.name!r} has no chat template; set "
                 "rollout.chat_template=false to prompt with a plain 'User: ... Assistant:' transcript"
             )
         self._apply_liger(model)
         if cfg.model.lora.enabled:
-            model = self._apply_lora(model)
+            lc = cfg.model.lora
+            model = apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -277,13 +281,6 @@ class Trainer:
         self.stop_reason: str | None = None
 
     # -- building blocks ----------------------------------------------------------------------------------
-
-    def _apply_lora(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        lc = self.cfg.model.lora
-        return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))  # fmt: skip
 
     def _apply_liger(self, model: nn.Module) -> None:
         choice = self.cfg.model.liger
