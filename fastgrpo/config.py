@@ -274,7 +274,9 @@ class TrainConfig:
     ``token_budget`` tokens (``shared_prompt``: a group's prompt packed once); checkpoints every ``save_every``
     steps (0: at the end and on SIGINT/SIGTERM) keeping ``keep_last``; held-out greedy evaluation of
     ``eval_prompts`` prompts every ``eval_every`` steps; a step whose gradient is not finite is skipped, and
-    ``max_skipped_steps`` such steps in a row stop the run."""
+    ``max_skipped_steps`` such steps in a row stop the run. After ``signal_check_steps`` steps (0: never) a
+    warning says when nearly every group had identical rewards or almost no completion held a scoreable answer
+    (:class:`fastgrpo.observability.LearningSignalGuard`)."""
 
     steps: int = 60
     num_iterations: int = 1
@@ -294,6 +296,7 @@ class TrainConfig:
     log_completions: int = 0
     time_budget_s: float = 0.0
     max_skipped_steps: int = 5
+    signal_check_steps: int = 5
 
 
 @dataclass
@@ -462,6 +465,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_completions": _NON_NEGATIVE,
     "train.time_budget_s": (lambda v: v >= 0, "must be >= 0 (0 = no budget)"),
     "train.max_skipped_steps": _POSITIVE,
+    "train.signal_check_steps": _NON_NEGATIVE,
 }
 
 
@@ -605,6 +609,7 @@ RESUMABLE_KEYS = (
     "train.log_completions",
     "train.time_budget_s",
     "train.max_skipped_steps",
+    "train.signal_check_steps",
 )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "plot_run",
     "reward_summary",
     "PLOT_KEYS",
+    "LearningSignalGuard",
 ]
 
 # (metric key, panel title) of the end-of-run plot
@@ -177,3 +178,47 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+class LearningSignalGuard:
+    """Says once, after the first ``steps`` training steps, when a run gives GRPO nothing to learn from.
+
+    GRPO learns from the spread of rewards inside a group. Two situations leave none and look alike on a reward
+    curve (flat): nearly every group scores all its completions alike (``zero_std_groups`` above
+    ``identical_share`` on average), or almost no completion holds an answer the checker can score
+    (``answer_rate`` below ``answer_share``). :meth:`update` takes each step's metrics and returns the warning
+    (also logged) the step it decides, else None; it decides once.
+    """
+
+    def __init__(self, steps: int = 5, *, identical_share: float = 0.9, answer_share: float = 0.05):
+        self.steps, self.identical_share, self.answer_share = steps, identical_share, answer_share
+        self.seen: list[tuple[float, float]] = []
+        self.done = steps <= 0
+
+    def update(self, metrics: dict[str, Any]) -> str | None:
+        if self.done:
+            return None
+        self.seen.append((float(metrics["zero_std_groups"]), float(metrics.get("answer_rate", 1.0))))
+        if len(self.seen) < self.steps:
+            return None
+        self.done = True
+        identical = sum(z for z, _ in self.seen) / len(self.seen)
+        answers = sum(a for _, a in self.seen) / len(self.seen)
+        if answers < self.answer_share:
+            message = (
+                f"no learning signal: over the first {len(self.seen)} steps only {answers:.0%} of the completions "
+                "hold an answer the reward can score (<answer>...</answer>, \\boxed{}, 'the answer is'). Usually "
+                "fixed by a worked example turn in the prompt (the built-in tasks' one_shot option), an answer "
+                "format the model already writes, or a stronger model"
+            )
+        elif identical > self.identical_share:
+            message = (
+                f"no learning signal: over the first {len(self.seen)} steps {identical:.0%} of the groups gave all "
+                "their completions the same reward, so their advantages are 0. Usually fixed by a larger group "
+                "(rollout.group_size), easier prompts or a worked example turn, partial-credit reward terms, "
+                "or a stronger model"
+            )
+        else:
+            return None
+        logger.warning(message)
+        return message

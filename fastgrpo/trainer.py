@@ -48,9 +48,18 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, config_to_dict, resume_changes, resume_config
 from .models import ReferenceModel, apply_lora, load_policy
-from .observability import MetricsLogger, PhaseTimer, peak_memory_mb, plot_run, read_metrics, reward_summary
+from .observability import (
+    LearningSignalGuard,
+    MetricsLogger,
+    PhaseTimer,
+    peak_memory_mb,
+    plot_run,
+    read_metrics,
+    reward_summary,
+)
 from .ops import grpo_loss
 from .packing import MicroBatch, PackedBatch, lm_head_of, pack_micro_batches, packed_forward, packed_logprobs
+from .rewards.outcome import extract_answer
 from .rewards.registry import build_scheme
 from .rewards.shaping import AdvantagePipeline, RolloutGroups
 from .rewards.terms import RewardTerms, register_reward
@@ -212,7 +221,9 @@ class Trainer:
         self._apply_liger(model)
         if cfg.model.lora.enabled:
             lc = cfg.model.lora
-            model = apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules)
+            model = apply_lora(
+                model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules
+            )
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -279,6 +290,7 @@ class Trainer:
                                              resume_step=self.step if ckpt is not None else None)  # fmt: skip
         self._stop_requested = False
         self.stop_reason: str | None = None
+        self.signal_guard = LearningSignalGuard(cfg.train.signal_check_steps)
 
     # -- building blocks ----------------------------------------------------------------------------------
 
@@ -550,6 +562,7 @@ class Trainer:
             "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,
             **{f"reward/{k}": float(v.mean()) for k, v in groups.terms.items()},
             "zero_std_groups": std_zero,
+            "answer_rate": sum(extract_answer(t) is not None for t in groups.texts) / groups.size,
             **stats,
             "grad_norm": grad_norm,
             "skipped_steps": skipped,
@@ -690,6 +703,8 @@ class Trainer:
                     metrics.update(self.evaluate(cfg.train.eval_prompts))
                     last_eval = self.step
                 self._log(metrics)
+                if self.is_main:
+                    self.signal_guard.update(metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl'] or 0:.4f}",

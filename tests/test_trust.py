@@ -179,3 +179,44 @@ def test_only_the_main_process_prints_the_summary(monkeypatch, capsys, tmp_path)
         is_main=False))  # fmt: skip
     assert cli_main(["train", "--tiny"]) == 0
     assert capsys.readouterr().out == ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the warm-up guard (issue 21): no learning signal is said once, with its cause
+
+
+def test_learning_signal_guard_scripted(caplog):
+    from fastgrpo.observability import LearningSignalGuard
+
+    def run(rows):
+        guard = LearningSignalGuard(3)
+        return [guard.update(r) for r in rows]
+
+    flat = [{"zero_std_groups": 1.0, "answer_rate": 0.5}] * 4
+    out = run(flat)
+    assert (
+        out[:2] == [None, None]
+        and "same reward" in out[2]
+        and "rollout.group_size" in out[2]
+        and out[3] is None
+    )
+    no_answers = [{"zero_std_groups": 1.0, "answer_rate": 0.01}] * 3
+    assert "hold an answer" in run(no_answers)[2] and "worked example" in run(no_answers)[2]
+    spread = [{"zero_std_groups": 0.5, "answer_rate": 0.6}] * 3
+    assert run(spread) == [None, None, None]
+    assert LearningSignalGuard(0).update(flat[0]) is None  # off
+
+
+def test_learning_signal_guard_in_a_run(tmp_path, caplog):
+    """A reward that is the same for every completion: the trainer warns after signal_check_steps steps."""
+    import logging
+
+    from fastgrpo.rewards import register_reward
+
+    register_reward("constant_for_guard_test", lambda text, ex: 1.0)
+    cfg = load_config(None, [*TINY[:-1], "rewards=[{name: constant_for_guard_test}]", f"train.output_dir={tmp_path}",
+                             "train.steps=2", "train.signal_check_steps=2"])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fastgrpo.observability"):
+        res = Trainer(cfg).train()
+    assert all(r["zero_std_groups"] == 1.0 for r in res.metrics)
+    assert caplog.text.count("no learning signal") == 1

@@ -13,7 +13,14 @@ from PIL import Image
 from fastgrpo.packing import pack, pack_shared_prompt, packed_forward
 from fastgrpo.tasks.base import Example
 from fastgrpo.tiny import tiny_model_and_tokenizer, tiny_vlm
-from fastgrpo.vlm import FrameVideoProcessor, VisionInputs, encode_prompts, generation_inputs, load_image, load_video
+from fastgrpo.vlm import (
+    FrameVideoProcessor,
+    VisionInputs,
+    encode_prompts,
+    generation_inputs,
+    load_image,
+    load_video,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,10 @@ def test_bad_inputs_name_example_and_field(qwen, tmp_path):
         (_ex([_img(), _img()]), r"example 1: images: 1 image part\(s\) in the messages but 2 images"),
         (_ex([_img()], parts=("image", "image")), r"example 1: images: 2 image part\(s\).* but 1 images"),
         (_ex([], [[]], parts=("video",)), r"example 1: videos\[0\]: the video has no frames"),
-        (_ex([], [[_img(), _img(28, 28)]], parts=("video",)), r"example 1: videos\[0\]: frames of different sizes"),
+        (
+            _ex([], [[_img(), _img(28, 28)]], parts=("video",)),
+            r"example 1: videos\[0\]: frames of different sizes",
+        ),
         (_ex([], [str(tmp_path / "clip.mp4")], parts=("video",)), r"example 1: videos\[0\].*does not exist"),
         (_ex([42]), r"example 1: images\[0\]: expected a PIL image"),
         (_ex([], parts=("audio",)), r"example 1: messages\[0\]\.content\[0\]: part type"),
