@@ -72,7 +72,7 @@ from .sampling import (
     stages_from_labels,
 )
 from .tasks import Example, build_task, render_prompt
-from .vlm import is_processor
+from .vlm import check_example, encode_prompts, generation_inputs, is_processor
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +245,12 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.train_set, self.eval_set = task.split(cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+        for split, examples in (("train", self.train_set), ("eval", self.eval_set)):
+            for i, ex in enumerate(examples):  # messages and media (decoded once) before any generation
+                try:
+                    check_example(ex, i, self.processor)
+                except ValueError as e:
+                    raise ConfigError(f"task {cfg.task.name!r}, {split} split: {e}") from None
         self.stream = PromptStream(self._build_sampler())
         self.rewards = RewardTerms([(t.name, t.weight, t.params) for t in cfg.rewards])
         self.advantages = AdvantagePipeline.from_config(cfg.advantage, self.tokenizer)
@@ -396,6 +402,31 @@ class Trainer:
             return ex.messages  # rendered by the tokenizer's chat template in fastgrpo.rollout
         return render_prompt(ex.messages, self.tokenizer, chat_template=False)
 
+    def _rollouts(self, examples: Sequence[Example], params: SamplingParams) -> tuple[Any, list | None]:
+        """``params.num_generations`` completions of each example's prompt, and, for a vision-language model,
+        each prompt's vision inputs (:class:`fastgrpo.vlm.VisionInputs`, None for a text-only prompt; they go
+        with the prompt ids into packing). A VLM's prompts are rendered with its processor's chat template and
+        its images / video reach generation as extra model inputs."""
+        if not is_processor(self.processor):
+            with self.accel.autocast():
+                ro = generate_rollouts(
+                    self.model, self.tokenizer, [self._prompt(e) for e in examples], params
+                )
+            return ro, None
+        enc = encode_prompts(self.processor, examples)
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
+        extra = generation_inputs(enc, pad, model=self.model)
+        del extra["input_ids"], extra["attention_mask"]  # generate_rollouts pads the ids (left) the same way
+        with self.accel.autocast():
+            ro = generate_rollouts(
+                self.model, self.tokenizer, [e.ids for e in enc], params, model_inputs=extra
+            )
+        return ro, [e.vision for e in enc]
+
     def _sampling(self, seed: int, **overrides: Any) -> SamplingParams:
         r = self.cfg.rollout
         kw = dict(num_generations=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
@@ -416,18 +447,13 @@ class Trainer:
     def _generate_and_score(self, indices: list[int], seed: int) -> RolloutGroups:
         """This rank generates its share of ``indices``; the scored completions of all ranks are gathered."""
         mine = indices[self.rank :: self.world]
-        examples = [self.train_set[i] for i in mine]
-        with self.accel.autocast():
-            ro = generate_rollouts(
-                self.model, self.tokenizer, [self._prompt(e) for e in examples], self._sampling(seed)
-            )
+        ro, vision = self._rollouts([self.train_set[i] for i in mine], self._sampling(seed))
         prompts, completions, g = ro.prompts(), ro.completions(), ro.num_generations
         rows = []
         for j, (p, c, text, trunc) in enumerate(zip(prompts, completions, ro.texts, ro.truncated.tolist())):
             ex_i = mine[j // g]
-            rows.append(
-                (ex_i, p, c, text, bool(trunc), self.rewards.score(text, self.train_set[ex_i], len(c)))
-            )
+            score = self.rewards.score(text, self.train_set[ex_i], len(c))
+            rows.append((ex_i, p, c, text, bool(trunc), score, None if vision is None else vision[j // g]))
         rows = self._gather(rows)
         return RolloutGroups(
             example=[r[0] for r in rows],
@@ -438,6 +464,7 @@ class Trainer:
             truncated=torch.tensor([r[4] for r in rows], dtype=torch.bool),
             terms=self.rewards.as_tensors([r[5] for r in rows]),
             group_size=g,
+            vision=None if vision is None else [r[6] for r in rows],
         )
 
     def _rollout(self) -> tuple[RolloutGroups, dict[str, float]]:
@@ -475,6 +502,7 @@ class Trainer:
         cfg = self.cfg
         mbs = pack_micro_batches(groups.prompt_ids, groups.completion_ids, cfg.train.token_budget,
                                  shared_prompt=cfg.train.shared_prompt, group_size=groups.group_size,
+                                 vision=groups.vision,
                                  rank=self.rank, num_ranks=self.world, pad_id=self.tokenizer.pad_token_id or 0,
                                  device=self.device)  # fmt: skip
         keep = ~groups.truncated if cfg.loss.mask_truncated else torch.ones(groups.size, dtype=torch.bool)
@@ -792,9 +820,7 @@ class Trainer:
         rows = []
         for s in range(0, len(mine), 32):
             chunk = [examples[i] for i in mine[s : s + 32]]
-            with self.accel.autocast():
-                ro = generate_rollouts(self.model, self.tokenizer, [self._prompt(e) for e in chunk],
-                                       self._sampling(0, num_generations=1, do_sample=False))  # fmt: skip
+            ro, _ = self._rollouts(chunk, self._sampling(0, num_generations=1, do_sample=False))
             for e, text, c in zip(chunk, ro.texts, ro.completions()):
                 rows.append(self.rewards.score(text, e, len(c)))
         rows = self._gather(rows)
@@ -851,10 +877,8 @@ class Trainer:
         accs, responses = [], []
         for start in range(0, len(self.train_set), 16):
             chunk = self.train_set[start : start + 16]
-            with self.accel.autocast():
-                ro = generate_rollouts(self.model, self.tokenizer, [self._prompt(e) for e in chunk],
-                                       self._sampling(self._seed(self.step, 10_000 + start),
-                                                      num_generations=s.refresh_generations))  # fmt: skip
+            ro, _ = self._rollouts(chunk, self._sampling(self._seed(self.step, 10_000 + start),
+                                                         num_generations=s.refresh_generations))  # fmt: skip
             n = s.refresh_generations
             comps = ro.completions()
             for j, e in enumerate(chunk):

@@ -54,6 +54,8 @@ class RolloutGroups:
         truncated: ``[B]`` bool, no end token within the length limit.
         terms: reward term name -> ``[B]`` unweighted values.
         group_size: ``G``.
+        vision: a vision-language model's per-completion prompt images / video (``fastgrpo.vlm.VisionInputs``
+            or None; the ``G`` completions of a prompt share one), None for a text model.
     """
 
     example: list[int]
@@ -64,6 +66,7 @@ class RolloutGroups:
     truncated: Tensor
     terms: dict[str, Tensor]
     group_size: int
+    vision: list[Any] | None = None
 
     @property
     def size(self) -> int:
@@ -79,6 +82,8 @@ class RolloutGroups:
             "texts": self.texts,
             "truncated": self.truncated,
         }
+        if self.vision is not None:
+            cols["vision"] = self.vision
         cols.update({f"term/{k}": v for k, v in self.terms.items()})
         return cols
 
@@ -86,7 +91,7 @@ class RolloutGroups:
     def from_columns(cls, cols: dict[str, Any], group_size: int) -> RolloutGroups:
         terms = {k[len("term/") :]: v for k, v in cols.items() if k.startswith("term/")}
         return cls(cols["example"], cols["examples"], cols["prompt_ids"], cols["completion_ids"], cols["texts"],
-                   cols["truncated"], terms, group_size)  # fmt: skip
+                   cols["truncated"], terms, group_size, cols.get("vision"))  # fmt: skip
 
 
 @dataclass
