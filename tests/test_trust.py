@@ -60,14 +60,14 @@ def test_tensorboard_without_the_package_is_a_config_error(monkeypatch, capsys):
 def test_a_tokenizer_without_chat_template_is_refused(monkeypatch, tmp_path):
     import fastgrpo.trainer as trainer_mod
 
-    real = trainer_mod.load_causal_lm
+    real = trainer_mod.load_policy
 
     def no_template(*args, **kwargs):
         model, tok = real(*args, **kwargs)
         tok.chat_template = None
         return model, tok
 
-    monkeypatch.setattr(trainer_mod, "load_causal_lm", no_template)
+    monkeypatch.setattr(trainer_mod, "load_policy", no_template)
     with pytest.raises(
         ConfigError, match=r"rollout\.chat_template: the tokenizer of 'tiny' has no chat template"
     ):
