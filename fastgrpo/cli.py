@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set loss.beta=0.04 (repeatable)")  # fmt: skip
     p.add_argument("--resume", metavar="DIR", help="continue from a run directory or a checkpoint directory")
-    p.add_argument("--tiny", action="store_true", help="use the tiny model built in code (tests, smoke runs)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="replace the config's model by one built in code of its kind (tiny text model, or a tiny "
+        "vision-language model of the same family): tests, smoke runs",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("eval", help="greedy held-out accuracy of a model or a run's checkpoint")
@@ -123,6 +128,14 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_model(cfg) -> str:
+    """``--tiny``: the config's model replaced by the model built in code of its kind (a tiny vision-language
+    model of the same family for a VLM config, else the tiny text model)."""
+    from .models import tiny_counterpart
+
+    return f"model.name={tiny_counterpart(cfg.model.name)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to bench/run.py, --help included
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return _tasks(args)
 
     from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
+    from .config import ConfigError, apply_overrides, load_config
 
     _setup_logging(args.verbose)
     try:
@@ -151,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
             from .trainer import train
 
             overrides = list(args.overrides)
-            if args.tiny:
-                overrides.insert(0, "model.name=tiny")
             resume = None
             if args.resume:
                 from .checkpoint import find_resumable
@@ -166,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                 resume = find_resumable(args.resume)
                 if resume.config_text is None:
                     raise ConfigError(f"--resume: {resume.path} holds no config.yaml to continue from")
-                cfg = resume_config(resume.config_text, overrides, source=f"{resume.path}/config.yaml")
+                source = f"{resume.path}/config.yaml"
+                if args.tiny:
+                    overrides.insert(0, _tiny_model(resume_config(resume.config_text, source=source)))
+                cfg = resume_config(resume.config_text, overrides, source=source)
             else:
                 cfg = load_config(args.config, overrides)
+                if args.tiny:
+                    cfg = apply_overrides(cfg, [_tiny_model(cfg)])
             result = train(cfg, resume=resume)
             if result.is_main:
                 _echo(result.summary_line())
@@ -176,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from .trainer import evaluate_run
 
-            overrides = (["model.name=tiny"] if args.tiny else []) + list(args.overrides)
+            overrides = list(args.overrides)
             if args.run:
                 config_path = Path(args.run) / "config.yaml"
                 if not config_path.is_file():
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(config_path, overrides)
             else:
                 cfg = load_config(args.config, overrides)
+            if args.tiny:
+                cfg = apply_overrides(cfg, [_tiny_model(cfg)])
             metrics = evaluate_run(cfg, run_dir=args.run, checkpoint=args.checkpoint, num=args.num)
             _echo(json.dumps(metrics, indent=2))
             return 0

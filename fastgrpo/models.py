@@ -63,6 +63,8 @@ __all__ = [
     "load_smollm2",
     "load_causal_lm",
     "load_policy",
+    "local_checkpoint",
+    "tiny_counterpart",
     "TINY_MODELS",
     "apply_lora",
     "lora_target_modules",
@@ -479,6 +481,10 @@ def load_smollm2(
     return model, tokenizer
 
 
+def _is_smollm2(name: str) -> bool:
+    return name.lower() in ("smollm2", SMOLLM2_NAME.lower(), "huggingfacetb/smollm2-135m-instruct")
+
+
 def load_causal_lm(
     name: str,
     *,
@@ -497,12 +503,9 @@ def load_causal_lm(
 
         model, tok = tiny_model_and_tokenizer(seed=seed, dtype=dtype, attn_implementation=attn)
         return model.to(device), tok
-    if name.lower() in ("smollm2", SMOLLM2_NAME.lower(), "huggingfacetb/smollm2-135m-instruct"):
+    if _is_smollm2(name):
         return load_smollm2(dtype=dtype, device=device, attn_implementation=attn)
-    if not Path(name).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"{name!r} is not 'tiny', 'smollm2' or a local checkpoint directory (nothing is downloaded)"
-        )
+    name = str(local_checkpoint(name))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -518,6 +521,50 @@ def load_causal_lm(
 
 #: Names :func:`load_policy` builds in code: the tiny text model and the tiny VLMs of :mod:`fastgrpo.tiny`.
 TINY_MODELS = ("tiny", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava")
+
+
+def local_checkpoint(name: str | os.PathLike) -> Path:
+    """The directory of a checkpoint named by a local path or by a Hugging Face hub id already in the local cache
+    (``hf download Qwen/Qwen2.5-VL-3B-Instruct`` puts it there). Never downloads: anything else raises
+    ``FileNotFoundError`` saying how to get it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        raise FileNotFoundError(
+            f"model.name: {str(name)!r} is neither a tiny model ({', '.join(TINY_MODELS)}), 'smollm2', a local "
+            "checkpoint directory nor a hub id in the local Hugging Face cache; fastgrpo never downloads: fetch it "
+            f"first (`hf download {name}`) or pass its directory"
+        ) from None
+
+
+def tiny_counterpart(name: str) -> str:
+    """The model built in code that stands in for ``name`` in ``--tiny`` runs: a tiny vision-language model of
+    the same family for a VLM (Qwen2.5-VL, Qwen2-VL, LLaVA-style; read from the name, or from a local config),
+    else the tiny text model."""
+    if name in TINY_MODELS:
+        return name
+    key = name.lower().replace("_", "-")
+    if not any(k in key for k in ("vl", "llava", "idefics", "smolvlm")):
+        try:  # a local checkpoint or a cached hub id: its config says
+            from transformers import AutoConfig
+
+            key = AutoConfig.from_pretrained(local_checkpoint(name), local_files_only=True).model_type
+            key = key.replace("_", "-")
+        except (FileNotFoundError, OSError, ValueError):
+            return "tiny"
+    if "qwen2.5-vl" in key or "qwen2-5-vl" in key:
+        return "tiny-qwen2.5-vl"
+    if "qwen2-vl" in key or "qwen-vl" in key:
+        return "tiny-qwen2-vl"
+    if any(k in key for k in ("llava", "idefics", "smolvlm")):
+        return "tiny-llava"
+    return "tiny"
 
 
 def _is_vlm_checkpoint(path: Path) -> bool:
@@ -553,14 +600,10 @@ def load_policy(
             raise ValueError(f"unknown tiny model {name!r}: one of {TINY_MODELS}")
         model, processor = tiny_vlm(family, seed=seed, dtype=dtype, attn_implementation=attn)
         model = model.to(device)
-    elif (
-        name not in TINY_MODELS
-        and Path(name).expanduser().is_dir()
-        and _is_vlm_checkpoint(Path(name).expanduser())
-    ):
+    elif name not in TINY_MODELS and not _is_smollm2(name) and _is_vlm_checkpoint(local_checkpoint(name)):
         from transformers import AutoModelForImageTextToText
 
-        path = Path(name).expanduser()
+        path = local_checkpoint(name)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, local_files_only=True, attn_implementation=attn
         ).to(device)
