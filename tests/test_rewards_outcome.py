@@ -170,3 +170,82 @@ def test_import_without_sympy():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "pip install" in r.stdout
+
+
+# -- the builtin checker's fixes found with bench/answer_pairs.py (docs/answers.md) ------------------------
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("48 + 24 = 72.\n#### 1,080", "1,080"),  # GSM8K style
+        ("#### 624 pages\n", "624 pages"),
+        ("Answer: 42", "42"),
+        ("Final Answer: The final answer is $6$. I hope it is correct.", "$6$"),
+        ("The answer is 100, since 10 * 10 = 100.", "100"),  # the clause that explains it is dropped
+        ("The answer is 1, 2, and 3.", "1, 2, and 3"),  # ... but a list is kept
+    ],
+)
+def test_extract_answer_gsm8k_and_prose(text, want):
+    assert extract_answer(text) == want
+
+
+@pytest.mark.parametrize(
+    "s, want",
+    [("1 1/2", 1.5), ("-2 1/4", -2.25), ("1\\frac{1}{2}", 1.5), ("$3\\dfrac{1}{4}$", 3.25), ("1 1/0", None)],
+)
+def test_parse_mixed_numbers(s, want):
+    # before: spaces were dropped first and "1 1/2" read as 11/2 = 5.5
+    assert parse_number(s) == (pytest.approx(want) if want is not None else None)
+
+
+@pytest.mark.parametrize(
+    "pred, gold, want",
+    [
+        ("\\$1,234.50", "1234.5", True),  # currency: "\$" used to leave a stray backslash
+        ("$18.00", "18", True),
+        ("5 cm", "5", True),
+        ("12 km/h", "12", True),
+        ("7 apples", "7", True),
+        ("5\\text{ cm}", "5", True),
+        ("90^\\circ", "90", True),
+        ("45°", "45", True),
+        ("x = 5", "5", True),
+        ("50\\%", "50", True),  # a percentage matches its value ...
+        ("50\\%", "0.5", True),  # ... or its value / 100
+        ("25%", "50", False),
+        ("1, 2, 3", "\\{3,2,1\\}", True),  # unordered collections
+        ("x = 2 or x = -3", "-3, 2", True),
+        ("x=\\pm 2", "-2, 2", True),
+        ("\\{1, 2, 2\\}", "\\{1, 2\\}", True),
+        ("\\{5\\}", "5", True),
+        ("\\emptyset", "\\varnothing", True),
+        ("1, 2", "\\{1,2,3\\}", False),
+        ("(1, 2)", "(2, 1)", False),  # tuples and intervals are ordered
+        ("[0, 1]", "[0,1)", False),
+        ("5x", "5", False),  # a one-letter suffix is a variable, not a unit
+        ("40 \\text{ mph}", "4", False),
+        ("1,000", "1000", True),
+    ],
+)
+def test_builtin_equivalence_fixes(pred, gold, want):
+    assert answers_equivalent(pred, gold) is want
+
+
+def test_symbolic_rejects_words():
+    pytest.importorskip("sympy")
+    # implicit multiplication reads words as products of letters: anagrams used to compare equal
+    assert not symbolic_equal("Pairs", "Paris")
+    assert not answers_equivalent(
+        "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"
+    )
+    assert answers_equivalent(
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"
+    )
+    assert symbolic_equal("\\sqrt{12}", "2\\sqrt{3}") and symbolic_equal("\\pi r^2", "r^2 \\pi")
+
+
+def test_builtin_accuracy_with_gsm8k_gold():
+    gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    assert accuracy_reward("so 72.\n#### 72", gold, backend="builtin") == 1.0
+    assert accuracy_reward("<answer>24</answer>", gold, backend="builtin") == 0.0

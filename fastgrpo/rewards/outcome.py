@@ -3,13 +3,22 @@
 Everything here works on strings and Python numbers (plus tensors for the length penalty), so it runs in
 any trainer. The pieces:
 
+- **Gold answers** (:func:`gold_answer`): a dataset's answer field as users have it: the text after GSM8K's
+  ``####``, the last ``\\boxed{…}`` of a worked solution (MATH), else the whole string.
 - **Extraction** (:func:`extract_answer`): the content of the last ``<answer>…</answer>`` (and, inside it,
   the last ``\\boxed{…}`` when there is one), else the last ``\\boxed{…}`` / ``\\fbox{…}`` with balanced
-  braces, else the text after the last "the (final) answer is" up to the end of its line or sentence.
-- **Equivalence** (:func:`answers_equivalent`): ``exact`` (after :func:`normalize_answer`), ``numeric``
-  (integers, decimals, ``1,000``, ``3/4``, ``\\frac{3}{4}``, ``50%`` -> 0.5, relative tolerance),
-  ``choice`` (option letters: ``(B)``, ``B.``, ``Option B``, ``b``), ``symbolic`` (sympy, imported lazily;
-  a clear error when missing) and ``auto`` (exact, then numeric, then symbolic when sympy is installed).
+  braces, else the text after the last GSM8K ``####``, else the text after the last "the (final) answer is" or
+  a line-initial "Answer:" up to the end of its line, sentence or clause.
+- **Two checkers** (``backend`` of :func:`accuracy_reward`): ``math_verify`` (:mod:`fastgrpo.rewards.mathverify`,
+  the library TRL and open-r1 use; the default, ``auto``, when installed) and ``builtin``, fastgrpo's own,
+  below. ``docs/answers.md`` measures the two against hand-judged pairs (``bench/answer_agreement.py``).
+- **Builtin equivalence** (:func:`answers_equivalent`): ``exact`` (after :func:`normalize_answer`), ``numeric``
+  (integers, decimals, ``1,000``, ``3/4``, ``\\frac{3}{4}``, mixed numbers ``1 1/2``, ``50%`` as 0.5 or 50;
+  currency signs, degrees, trailing units and a leading ``x =`` dropped; relative tolerance), ``choice``
+  (option letters: ``(B)``, ``B.``, ``Option B``, ``b``), ``symbolic`` (sympy, imported lazily; a clear error
+  when missing) and ``auto`` (exact, numeric, unordered sets ``{1, 2}`` / ``1, 2`` / ``x = 1 or x = 2`` /
+  ``\\pm 2``, then symbolic when sympy is installed). ``exact`` and ``choice`` are string comparisons and
+  run the same under both backends.
 - **Format** (:func:`format_reward`): 1 when the completion fully matches
   ``<think>.*?</think>\\s*<answer>.*?</answer>`` (DOTALL), as R1-V / GRPO-CARE.
 - **DAPO** (:func:`dapo_overlong_penalty`, :func:`dapo_reward`): the soft overlong punishment
@@ -17,10 +26,10 @@ any trainer. The pieces:
   (verl ``math_dapo``); paper setting ``L_max = 20480``, ``L_c = 4096``, ``factor = 1``. The dynamic-sampling
   group filter is :func:`fastgrpo.sampling.dynamic_group_filter`.
 
-Differences from the official code: answer extraction and numeric parsing are our own (math-verify and
-the verl graders each use their own heuristics), so rare edge cases (units, intervals, matrices) may be
-judged differently; ``symbolic`` uses ``sympy.parse_expr`` on a light LaTeX-to-Python rewrite, not
-``latex2sympy``.
+Differences from the official code: the builtin checker's extraction and numeric parsing are our own
+(math-verify and the verl graders each use their own heuristics), so rare edge cases (units written as single
+letters, matrices) may be judged differently; ``symbolic`` uses ``sympy.parse_expr`` on a light
+LaTeX-to-Python rewrite, not ``latex2sympy``.
 """
 
 from __future__ import annotations
@@ -34,12 +43,20 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from fastgrpo.rewards.mathverify import has_math_verify, math_verify_correct, require_math_verify
+
 __all__ = [
     "THINK_ANSWER_PATTERN",
+    "ANSWER_BACKENDS",
+    "ANSWER_REWARDS",
+    "gold_answer",
+    "answer_span",
+    "resolve_answer_backend",
     "extract_boxed",
     "extract_answer_tag",
     "extract_answer",
     "normalize_answer",
+    "answer_core",
     "parse_number",
     "parse_choice",
     "numeric_equal",
@@ -56,9 +73,20 @@ __all__ = [
 
 THINK_ANSWER_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 EQUIVALENCE_MODES = ("auto", "exact", "numeric", "choice", "symbolic")
+ANSWER_BACKENDS = ("auto", "math_verify", "builtin")
+# Modes whose answers are maths, judged by the chosen backend; "exact" and "choice" compare strings.
+_MATH_MODES = ("auto", "numeric", "symbolic")
+# Reward schemes that compare against the example's gold answer (a task without answers cannot feed them).
+ANSWER_REWARDS = ("accuracy", "dapo")
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_IS = re.compile(r"the\s+(?:final\s+|correct\s+)?answer\s+(?:is|should\s+be)\s*:?\s*", re.IGNORECASE)
+_ANSWER_IS = re.compile(
+    r"the\s+(?:final\s+|correct\s+)?answer\s+(?:is|should\s+be)\s*:?\s*|^[ \t]*(?:final\s+)?answer\s*:\s*",
+    re.IGNORECASE | re.MULTILINE,
+)
+_GSM8K = re.compile(r"####[ \t]*([^\n]*)")
+# Where a prose answer ends: a sentence end, or a clause that explains it ("100, since ...").
+_CLAUSE_END = re.compile(r"\.\s|,\s+(?!and\b|or\b)(?=[A-Za-z]{2,})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,12 +122,20 @@ def _after_answer_is(text: str) -> str | None:
     if not matches:
         return None
     rest = text[matches[-1].end() :].split("\n")[0]
-    rest = re.split(r"\.\s", rest)[0].strip()
+    rest = _CLAUSE_END.split(rest)[0].strip()
     return rest.rstrip(".").strip() or None
 
 
+def _after_hashes(text: str) -> str | None:
+    found = _GSM8K.findall(text)
+    if not found:
+        return None
+    return found[-1].strip() or None
+
+
 def extract_answer(text: str) -> str | None:
-    """The final answer of a completion: ``<answer>`` tag, else ``\\boxed{}``, else "the answer is …".
+    """The final answer of a completion: ``<answer>`` tag, else ``\\boxed{}``, else GSM8K's ``#### …``,
+    else "the answer is …" / "Answer: …".
 
     Inside an ``<answer>`` tag a ``\\boxed{}`` wins. Returns None when nothing is found.
     """
@@ -112,7 +148,28 @@ def extract_answer(text: str) -> str | None:
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
+    hashes = _after_hashes(text)
+    if hashes is not None:
+        return hashes
     return _after_answer_is(text)
+
+
+def answer_span(text: str) -> str | None:
+    """The answer marked by an ``<answer>`` tag or a GSM8K ``####`` line (markers math-verify does not know),
+    else None."""
+    tag = extract_answer_tag(text)
+    return tag if tag is not None else _after_hashes(text)
+
+
+def gold_answer(gold: str | float | int) -> str:
+    """The final answer in a dataset's gold field: after the last ``####`` (GSM8K), else the last
+    ``\\boxed{}`` (a worked MATH solution), else the whole value as a stripped string."""
+    text = str(gold)
+    hashes = _after_hashes(text)
+    if hashes is not None:
+        return hashes
+    boxed = extract_boxed(text)
+    return boxed if boxed is not None else text.strip()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,10 +188,42 @@ def normalize_answer(s: str) -> str:
         .replace("\\,", "")
         .replace("\\;", "")
     )
-    s = s.replace("$", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\$", "").replace("$", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\varnothing", "\\emptyset").replace("\\{\\}", "\\emptyset")
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
     return s.lower()
+
+
+_CURRENCY = re.compile(r"^\\?\$\s*(?=[-+]?\.?\d)")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
+_TRAILING_TEXT = re.compile(r"(?<=[\d}%])\s*\\(?:text|mbox|mathrm)\s*\{[^{}]*\}\s*$")
+_TRAILING_WORDS = re.compile(r"(?<=[\d.%])\s+[A-Za-z]{2,}(?:[/\s]+[A-Za-z]+)*\.?\s*$")
+_ASSIGNMENT = re.compile(r"^[A-Za-z]\s*=\s*(?=\S)")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+
+
+def _unwrap_dollars(s: str) -> str:
+    s = s.strip()
+    if len(s) > 1 and s.startswith("$") and s.endswith("$") and not s.endswith("\\$"):
+        return s.strip("$").strip()
+    return s
+
+
+def answer_core(s: str) -> str:
+    """The value of an answer without its decorations: ``$…$`` math delimiters, a leading currency sign,
+    degrees, a trailing unit (``\\text{cm}``, ``12 km/h``, ``7 apples``) and a leading ``x =``.
+
+    ``"\\$1,234.50"`` -> ``"1,234.50"``, ``"90^\\circ"`` -> ``"90"``, ``"x = 5"`` -> ``"5"``. Units written
+    as one letter (``5 m``) stay: they cannot be told from a variable.
+    """
+    t = _unwrap_dollars(s)
+    t = _CURRENCY.sub("", t)
+    t = _DEGREES.sub("", t)
+    t = _TRAILING_TEXT.sub("", t)
+    t = _TRAILING_WORDS.sub("", t)
+    t = _ASSIGNMENT.sub("", t.strip())
+    return t.strip()
 
 
 def _to_fraction(s: str) -> Fraction | None:
@@ -144,12 +233,27 @@ def _to_fraction(s: str) -> Fraction | None:
         return None
 
 
+def _mixed_number(s: str) -> float | None:
+    # "1 1/2" and "1\frac{1}{2}" are 3/2 (read before spaces are dropped: "11/2" is 5.5)
+    m = re.fullmatch(r"([-+]?)(\d+)\s+(\d+)\s*/\s*(\d+)", s.strip()) or re.fullmatch(
+        r"([-+]?)(\d+)\s*\\d?frac\s*\{(\d+)\}\s*\{(\d+)\}", s.strip()
+    )
+    if not m or int(m.group(4)) == 0:
+        return None
+    val = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
+    return float(-val if m.group(1) == "-" else val)
+
+
 def parse_number(s: str) -> float | None:
-    """A number written as ``12``, ``-3.5``, ``1,000``, ``1e-3``, ``3/4``, ``\\frac{3}{4}``, ``50%``; else None."""
+    """A number written as ``12``, ``-3.5``, ``1,000``, ``1e-3``, ``3/4``, ``\\frac{3}{4}``, ``1 1/2``, ``50%``
+    (0.5); else None."""
+    mixed = _mixed_number(_unwrap_dollars(s))
+    if mixed is not None:
+        return mixed
     t = normalize_answer(s)
     percent = t.endswith("\\%") or t.endswith("%")
     t = t.removesuffix("\\%").removesuffix("%")
-    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", t):
+    if _THOUSANDS.fullmatch(t):
         t = t.replace(",", "")
     m = re.fullmatch(r"([-+]?)\\frac\{([^{}]+)\}\{([^{}]+)\}", t) or re.fullmatch(r"([-+]?)\\frac(\d)(\d)", t)
     if m:
@@ -167,10 +271,20 @@ def parse_number(s: str) -> float | None:
     return val / 100.0 if percent else val
 
 
+def _number_readings(s: str) -> list[float]:
+    """The values an answer may mean: ``[]`` (not a number), ``[x]``, or for a percentage ``[x/100, x]``
+    (``50%`` answers "what percent" with gold ``50`` as well as a gold ``0.5``)."""
+    x = parse_number(s)
+    if x is None:
+        return []
+    return [x, x * 100.0] if normalize_answer(s).endswith("%") else [x]
+
+
 def numeric_equal(a: str, b: str, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
-    """Both parse as numbers (:func:`parse_number`) and agree within ``rel_tol`` / ``abs_tol``."""
-    x, y = parse_number(a), parse_number(b)
-    return x is not None and y is not None and math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol)
+    """Both parse as numbers (:func:`parse_number`, after :func:`answer_core`) and agree within ``rel_tol`` /
+    ``abs_tol``; a percentage matches its value or its value / 100."""
+    xs, ys = _number_readings(answer_core(a)), _number_readings(answer_core(b))
+    return any(math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol) for x in xs for y in ys)
 
 
 def parse_choice(s: str, *, letters: str = "ABCDEFGHIJ") -> str | None:
@@ -211,12 +325,25 @@ def _latex_to_python(s: str) -> str:
             break
         t = t2
     t = t.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", "pi").replace("^", "**")
+    t = t.replace("\\infty", "oo")
     t = t.replace("{", "(").replace("}", ")").replace("\\", "")
     return t
 
 
+# Names sympy reads as maths in the rewritten text; any other run of letters is prose or an unknown command
+# (implicit multiplication would read "pmatrix" or "Paris" as a product of letters, equal to its anagrams).
+_SYMPY_NAMES = frozenset({"sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "oo"})
+
+
+def _words_are_maths(python_expr: str) -> bool:
+    return all(w in _SYMPY_NAMES for w in re.findall(r"[A-Za-z]{2,}", python_expr))
+
+
 def symbolic_equal(a: str, b: str) -> bool:
-    """``a - b`` simplifies to 0 under sympy (LaTeX lightly rewritten to Python syntax). Needs sympy."""
+    """``a - b`` simplifies to 0 under sympy (LaTeX lightly rewritten to Python syntax). Needs sympy.
+
+    False when either side holds a word sympy would read as a product of letters (text, ``\\begin{pmatrix}``).
+    """
     sympy = require_sympy()
     from sympy.parsing.sympy_parser import (
         implicit_multiplication_application,
@@ -225,9 +352,12 @@ def symbolic_equal(a: str, b: str) -> bool:
     )
 
     transformations = (*standard_transformations, implicit_multiplication_application)
+    pa, pb = _latex_to_python(a), _latex_to_python(b)
+    if not (_words_are_maths(pa) and _words_are_maths(pb)):
+        return False
     try:
-        x = parse_expr(_latex_to_python(a), transformations=transformations, evaluate=True)
-        y = parse_expr(_latex_to_python(b), transformations=transformations, evaluate=True)
+        x = parse_expr(pa, transformations=transformations, evaluate=True)
+        y = parse_expr(pb, transformations=transformations, evaluate=True)
         return bool(sympy.simplify(x - y) == 0)
     except Exception:  # sympy raises many exception types on malformed input; not equal then
         return False
@@ -241,8 +371,58 @@ def _has_sympy() -> bool:
     return True
 
 
+def _split_top_level(s: str) -> list[str]:
+    """``s`` split at commas outside brackets and at the words "or" / "and"."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    parts.append(s[start:])
+    return [
+        p.strip()
+        for part in parts
+        for p in re.split(r"\s+(?:or|and)\s+|\\text\{\s*(?:or|and)\s*\}", part)
+        if p.strip()
+    ]
+
+
+def _set_elements(s: str) -> list[str] | None:
+    """The elements of an unordered answer (``\\{1, 2\\}``, ``1, 2``, ``x = 1 or x = -3``, ``\\pm 2``), or None
+    for a single value, a thousands number (``1,000``) and a bracketed tuple or interval (ordered)."""
+    t = _unwrap_dollars(s).replace("\\left", "").replace("\\right", "").strip()
+    braced = re.fullmatch(r"\\\{(.*)\\\}", t, re.DOTALL)
+    if braced:
+        t = braced.group(1)
+    elif _THOUSANDS.fullmatch(t) or (t[:1] in "([" and t[-1:] in ")]"):
+        return None
+    items = []
+    for item in _split_top_level(t):
+        item = _ASSIGNMENT.sub("", item)
+        pm = re.fullmatch(r"(?:\\pm|±)\s*(.+)", item)
+        items += [f"-{pm.group(1)}", pm.group(1)] if pm else [item]
+    return items if braced or len(items) > 1 else None
+
+
+def _scalar_equivalent(pred: str, gold: str) -> bool:
+    if normalize_answer(pred) == normalize_answer(gold):
+        return True
+    p, g = answer_core(pred), answer_core(gold)
+    if normalize_answer(p) == normalize_answer(g):
+        return True
+    xs, ys = _number_readings(p), _number_readings(g)
+    if xs and ys:
+        return any(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x in xs for y in ys)
+    return _has_sympy() and symbolic_equal(p, g)
+
+
 def answers_equivalent(pred: str | None, gold: str | float | int, *, mode: str = "auto") -> bool:
-    """Whether a predicted answer string matches the gold answer under ``mode`` (see module docstring)."""
+    """Whether a predicted answer string matches the gold answer under ``mode`` (fastgrpo's own checker, the
+    ``builtin`` backend; see the module docstring)."""
     if mode not in EQUIVALENCE_MODES:
         raise ValueError(f"mode must be one of {EQUIVALENCE_MODES}, got {mode!r}")
     if pred is None:
@@ -257,17 +437,54 @@ def answers_equivalent(pred: str | None, gold: str | float | int, *, mode: str =
         return numeric_equal(pred, gold_s)
     if mode == "symbolic":
         return symbolic_equal(pred, gold_s)
-    if normalize_answer(pred) == normalize_answer(gold_s):
+    if _scalar_equivalent(pred, gold_s):
         return True
-    x, y = parse_number(pred), parse_number(gold_s)
-    if x is not None and y is not None:
-        return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
-    return _has_sympy() and symbolic_equal(pred, gold_s)
+    ps, gs = _set_elements(pred), _set_elements(gold_s)
+    if ps is None and gs is None:
+        return False
+    ps, gs = ps or [pred], gs or [gold_s]
+    # unordered and duplicates ignored: every element has an equal one on the other side
+    return all(any(_scalar_equivalent(a, b) for b in gs) for a in ps) and all(
+        any(_scalar_equivalent(a, b) for a in ps) for b in gs
+    )
 
 
-def accuracy_reward(completion: str, gold: str | float | int, *, mode: str = "auto") -> float:
-    """1.0 when the answer extracted from ``completion`` is equivalent to ``gold``, else 0.0."""
-    return float(answers_equivalent(extract_answer(completion), gold, mode=mode))
+def resolve_answer_backend(backend: str) -> str:
+    """``"math_verify"`` or ``"builtin"`` for ``backend`` (``"auto"``: math-verify when installed).
+
+    An explicit ``"math_verify"`` without the package raises ImportError (never a silent fallback).
+    """
+    if backend not in ANSWER_BACKENDS:
+        raise ValueError(f"backend must be one of {ANSWER_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "math_verify" if has_math_verify() else "builtin"
+    if backend == "math_verify":
+        require_math_verify()
+    return backend
+
+
+def accuracy_reward(
+    completion: str, gold: str | float | int, *, mode: str = "auto", backend: str = "auto"
+) -> float:
+    """1.0 when ``completion`` answers ``gold`` correctly, else 0.0.
+
+    ``gold`` goes through :func:`gold_answer` (GSM8K ``####``, a worked solution's ``\\boxed{}``). ``mode``
+    ``auto`` / ``numeric`` / ``symbolic`` answers are judged by ``backend``: ``math_verify``
+    (:func:`fastgrpo.rewards.mathverify.math_verify_correct`), ``builtin`` (:func:`extract_answer` then
+    :func:`answers_equivalent`) or ``auto`` (math-verify when installed); ``exact`` and ``choice`` are string
+    comparisons, the same under both. An empty gold answer raises ``ValueError`` (a task without answers).
+    """
+    if mode not in EQUIVALENCE_MODES:
+        raise ValueError(f"mode must be one of {EQUIVALENCE_MODES}, got {mode!r}")
+    gold_s = gold_answer(gold)
+    if not gold_s:
+        raise ValueError(
+            "reward 'accuracy': the gold answer is empty; the task has no answers (a dataset without its "
+            "answer column, task.answer_field) or this example's answer is blank"
+        )
+    if mode in _MATH_MODES and resolve_answer_backend(backend) == "math_verify":
+        return float(math_verify_correct(completion, gold_s, answer_span(completion)))
+    return float(answers_equivalent(extract_answer(completion), gold_s, mode=mode))
 
 
 @dataclass
@@ -284,16 +501,18 @@ def outcome_rewards(
     golds: Sequence[str | float | int],
     *,
     mode: str = "auto",
+    backend: str = "auto",
     pattern: str = THINK_ANSWER_PATTERN,
     strip: bool = False,
 ) -> OutcomeScores:
-    """Accuracy and format rewards of a batch plus the extracted answers (COPO needs them), ``[B]`` each."""
+    """Accuracy (:func:`accuracy_reward`) and format rewards of a batch plus the extracted answers (COPO
+    needs them), ``[B]`` each."""
     if len(completions) != len(golds):
         raise ValueError(
             f"completions and golds must have one length, got {len(completions)} and {len(golds)}"
         )
     answers = [extract_answer(c) for c in completions]
-    acc = [float(answers_equivalent(a, g, mode=mode)) for a, g in zip(answers, golds)]
+    acc = [accuracy_reward(c, g, mode=mode, backend=backend) for c, g in zip(completions, golds)]
     fmt = [format_reward(c, pattern=pattern, strip=strip) for c in completions]
     return OutcomeScores(
         torch.tensor(acc, dtype=torch.float32), torch.tensor(fmt, dtype=torch.float32), answers

@@ -29,6 +29,7 @@ from fastgrpo._schema import coerce
 from fastgrpo.advantages import group_advantages
 from fastgrpo.rewards.care import answer_confidence, care_rewards
 from fastgrpo.rewards.copo import copo_advantages
+from fastgrpo.rewards.mathverify import has_math_verify
 from fastgrpo.rewards.mmr1 import variance_promotion_score
 from fastgrpo.rewards.outcome import accuracy_reward, dapo_reward, format_reward
 from fastgrpo.rewards.prm import prm_greedy_search, step_token_advantages
@@ -181,7 +182,19 @@ class ReinforcePPParams:
 
 @dataclass
 class AccuracyParams:
+    """``mode``: the kind of answer; ``backend``: the checker of maths answers (``auto``: math-verify when
+    installed, else fastgrpo's ``builtin``; an explicit ``math_verify`` without the package is an error here,
+    at config time)."""
+
     mode: Literal["auto", "exact", "numeric", "choice", "symbolic"] = "auto"
+    backend: Literal["auto", "math_verify", "builtin"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend == "math_verify" and not has_math_verify():
+            raise ValueError(
+                "scheme 'accuracy' parameter 'backend' is 'math_verify' but math-verify is not installed: "
+                "pip install 'fastgrpo[math-verify]' (or pip install math-verify), or use backend 'builtin'"
+            )
 
 
 @dataclass
