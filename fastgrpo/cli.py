@@ -7,6 +7,7 @@
     fastgrpo bench ARGS...            forwards ARGS to bench/run.py (source checkout only)
     fastgrpo plot  RUN_DIR [--out FILE]
     fastgrpo tasks list | show NAME [--n N] [--out DIR] [--seed S] [--set KEY=VALUE ...]
+    fastgrpo export RUN_DIR OUT [--merged | --adapter] [--checkpoint DIR] [--dtype D] [--force]
 
 Several processes: ``accelerate launch --multi_gpu --num_processes 2 -m fastgrpo.cli train ...`` (on CPU
 too: the trainer creates ``Accelerator(cpu=True)`` when no GPU is present and refuses a launch whose
@@ -70,6 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option, e.g. --set image_size=224 (repeatable)")  # fmt: skip
+
+    p = sub.add_parser(
+        "export", help="write a run's model as a Hugging Face model or PEFT adapter (safetensors)"
+    )
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("out", help="the directory to write")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--merged", dest="mode", action="store_const", const="merged",
+                      help="the full model, LoRA merged in (default; full fine-tuning runs: the model)")  # fmt: skip
+    kind.add_argument("--adapter", dest="mode", action="store_const", const="adapter",
+                      help="the PEFT LoRA adapter (LoRA runs only)")  # fmt: skip
+    p.add_argument(
+        "--checkpoint", metavar="DIR|STEP", help="a checkpoint directory or step (default: the latest)"
+    )
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the run's)"
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -159,6 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, apply_overrides, load_config
 
     _setup_logging(args.verbose)
+    if args.command == "export":
+        from .export import export_run
+
+        try:
+            checkpoint = int(args.checkpoint) if (args.checkpoint or "").isdigit() else args.checkpoint
+            out = export_run(args.run_dir, args.out, mode=args.mode or "merged", checkpoint=checkpoint,
+                             dtype=args.dtype, overwrite=args.force)  # fmt: skip
+        except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+            _echo(f"fastgrpo export: error: {e}", err=True)
+            return 2
+        _echo(f"export: {out}")
+        return 0
     try:
         if args.command == "train":
             from .trainer import train
