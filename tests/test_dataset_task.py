@@ -244,9 +244,11 @@ def test_trains_two_steps_on_a_users_jsonl(tmp_path, kind):
     from fastgrpo.config import load_config
     from fastgrpo.trainer import train
 
-    if kind == "conversational":  # TRL's conversational format with a GSM8K-style solution column
-        f = _write_jsonl(tmp_path / "d.jsonl", _conversational(8))
-        extra = ["task.answer_field=solution"]
+    if kind == "conversational":  # TRL's conversational format with a GSM8K-style solution column, two splits
+        (tmp_path / "data").mkdir()
+        _write_jsonl(tmp_path / "data" / "train.jsonl", _conversational(8))
+        f = _write_jsonl(tmp_path / "data" / "test.jsonl", _conversational(3)).parent
+        extra = ["task.answer_field=solution", "task.options={eval_split: test}", "train.eval_prompts=3"]
     else:  # plain prompts, no answer column, a reward that needs none
         f = _write_jsonl(
             tmp_path / "d.jsonl", [{"prompt": f"Say {w}."} for w in ("a", "b", "c", "d", "e", "f")]
@@ -255,3 +257,5 @@ def test_trains_two_steps_on_a_users_jsonl(tmp_path, kind):
     cfg = load_config(None, [*_TINY, f"task.dataset={f}", f"train.output_dir={tmp_path}", *extra])
     result = train(cfg)
     assert len(result.metrics) == 2 and all(r["reward"] == r["reward"] for r in result.metrics)  # no NaN
+    if kind == "conversational":
+        assert [step for step, _ in result.evals] == [0, 2]  # greedy accuracy on the test split's 3 prompts
