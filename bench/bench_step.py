@@ -98,8 +98,8 @@ def run_trl(model_name: str, seed: int, steps: int, out: Path, num_eval: int) ->
     def text_of(c) -> str:
         return c if isinstance(c, str) else c[-1]["content"]
 
-    def tags_reward(prompts, completions, **kw):
-        return [_rewards(text_of(c), "")[0] for c in completions]
+    def tags_reward(prompts, completions, answer, **kw):
+        return [_rewards(text_of(c), a)[0] for c, a in zip(completions, answer)]
 
     def correct_reward(prompts, completions, answer, **kw):
         return [_rewards(text_of(c), a)[1] for c, a in zip(completions, answer)]
