@@ -19,7 +19,10 @@ then loads the checkpoint's trainable weights (:func:`fastgrpo.checkpoint.read_c
              has no adapter: ``ValueError``.
 
 The tokenizer is whatever the loader returned for the model: a vision-language model's processor is written
-with its tokenizer (and such a model loads with ``AutoModelForImageTextToText``). Merging is done in fp32, then the weights are cast to ``dtype``
+with its tokenizer (and such a model loads with ``AutoModelForImageTextToText``). The export checks that
+``AutoTokenizer`` reloads a tokenizer that tokenizes like the run's and warns, naming the loader that does,
+when it does not (the tiny text model: transformers loads every ``qwen2`` config's tokenizer as
+``Qwen2Tokenizer``; ``PreTrainedTokenizerFast.from_pretrained(OUT)`` reads it as saved). Merging is done in fp32, then the weights are cast to ``dtype``
 (default: the run's ``model.dtype``). Nothing fastgrpo-specific is written: no custom classes, no pickles. The
 export is written to a temporary sibling directory and renamed into place, so a failed export leaves nothing
 half-written under ``OUT``.
@@ -95,6 +98,33 @@ def _build_policy(cfg: Config, ckpt: Checkpoint) -> tuple[torch.nn.Module, Any]:
     apply_checkpoint(ckpt, model=model)
     model.eval()
     return model, tokenizer
+
+
+_PROBE = "What is 7+1? Think, then answer: <answer>8</answer>.\n  Ünïcode, 12,345 apples; x^2 = 49"
+
+
+def _check_tokenizer_reload(path: Path, tokenizer: Any) -> bool:
+    """Whether ``AutoTokenizer.from_pretrained(path)`` tokenizes like the run's tokenizer; logs a warning with
+    the loader that does when not. transformers 5 maps some model types to their own tokenizer class whatever
+    ``tokenizer_config.json`` says (every ``qwen2`` config loads ``Qwen2Tokenizer``, which splits text its own
+    way): the tiny model's byte-level BPE is saved faithfully but must be loaded with
+    ``PreTrainedTokenizerFast.from_pretrained``."""
+    from transformers import AutoTokenizer
+
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    try:
+        reloaded = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        same = reloaded(_PROBE)["input_ids"] == tok(_PROBE)["input_ids"]
+        what = type(reloaded).__name__
+    except Exception as e:  # any loading failure means the same for the user: AutoTokenizer does not work
+        same, what = False, f"an error ({type(e).__name__}: {e})"
+    if not same:
+        logger.warning(
+            "AutoTokenizer.from_pretrained(%r) gives %s, which does not tokenize like the run's %s; load the "
+            "tokenizer with PreTrainedTokenizerFast.from_pretrained(%r) (it reads the saved tokenizer.json as is)",
+            str(path), what, type(tok).__name__, str(path),
+        )  # fmt: skip
+    return same
 
 
 def _has_source_dir(model: torch.nn.Module) -> bool:
@@ -181,6 +211,9 @@ def export_run(
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for where in (out, out / "base"):
+        if (where / "tokenizer_config.json").is_file():
+            _check_tokenizer_reload(where, tokenizer)
     logger.info("exported %s (step %d) of run %s to %s (%s, %s)", mode, ckpt.step, run_dir, out, ckpt.path.name,
                 str(target).removeprefix("torch."))  # fmt: skip
     return out
