@@ -85,8 +85,9 @@ def _logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2-step tiny runs, with LoRA, without, and a vision-language one with LoRA: ``{name: (run_dir, final
-    log-probs, initial log-probs, the ids of a sentence under the run's tokenizer)}`` on text-only ids."""
+    """2-step tiny runs with LoRA and without, and a vision-language run with LoRA whose adapter was moved by hand
+    and saved: ``{name: (run_dir, final log-probs, initial log-probs, the ids of a sentence under the run's
+    tokenizer)}``, log-probs on text-only ids."""
     root = tmp_path_factory.mktemp("runs")
     ids = torch.randint(3, 400, (2, 14), generator=torch.Generator().manual_seed(0))
     before = torch.get_num_threads()
@@ -103,7 +104,17 @@ def runs(tmp_path_factory):
         for name, extra in (("lora", lora), ("full", []), ("vlm", [*lora, *vlm])):
             cfg = load_config(None, [*TINY, *extra, f"train.output_dir={root}", f"train.run_name={name}"])
             trainer = Trainer(cfg)
-            trainer.train()
+            if (
+                name == "vlm"
+            ):  # the export is under test, not vision-language training: move the adapter, save
+                with torch.no_grad():
+                    for p in trainer.params:
+                        p.add_(
+                            0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                        )
+                trainer.save()
+            else:
+                trainer.train()
             initial, _ = load_policy(cfg.model.name, seed=3)
             text_ids = trainer.tokenizer("What is 7+1? <answer>8</answer>")["input_ids"]
             out[name] = (trainer.run_dir, _logprobs(trainer.model, ids), _logprobs(initial, ids), text_ids)
