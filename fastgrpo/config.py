@@ -111,20 +111,25 @@ class ModelConfig:
 class TaskConfig:
     """The prompts and their verifiable answers.
 
-    ``name``: a built-in task (``compare``, ``addition``, ``transit``, ``arithmetic``, ``mcq``) or ``dataset``
-    (a ``datasets`` dataset: ``dataset``, ``prompt_field``, ``answer_field``). ``options`` go to the task's
-    constructor, which rejects unknown ones by name.
+    ``name``: a built-in task (text: ``compare``, ``addition``, ``transit``, ``arithmetic``, ``mcq``; images and
+    video: ``transit_map``, ``video_shapes``, ``visual_math``) or ``dataset`` (a ``datasets`` dataset:
+    ``dataset``, ``dataset_split``, ``prompt_field``, ``answer_field`` — None or a missing ``answer`` column when
+    no reward needs a gold answer —, and held-out data from ``eval_split`` or ``eval_source``). ``num_train``:
+    training examples (unset: every row of a dataset, 512 drawn from a built-in task); ``num_eval``: held-out
+    examples. ``options`` go to the task's constructor, which rejects unknown ones by name.
     """
 
     name: str = "compare"
-    num_train: int = 512
+    num_train: int | None = None
     num_eval: int = 64
     seed: int = 1234
     options: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
     dataset_split: str = "train"
+    eval_split: str | None = None
+    eval_source: str | None = None
     prompt_field: str = "prompt"
-    answer_field: str = "answer"
+    answer_field: str | None = "answer"
 
 
 @dataclass
@@ -356,6 +361,15 @@ class Config:
                 f"length ({longest} = rollout.max_prompt_tokens + rollout.max_new_tokens"
                 f"{' x rollout.group_size' if self.train.shared_prompt else ''}); raise it or lower those limits"
             )
+        if self.task.name == "dataset" and self.task.answer_field is None:
+            from .rewards.outcome import ANSWER_REWARDS
+
+            for i, term in enumerate(self.rewards):
+                if term.name in ANSWER_REWARDS:
+                    raise ConfigError(
+                        f"rewards.{i}.name: {term.name!r} compares completions with the gold answer, but "
+                        "task.answer_field is null (the dataset has no answers); drop the reward or name the column"
+                    )
         if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
         _check_schemes(self)
@@ -438,7 +452,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.lora.alpha": _POSITIVE,
     "model.lora.dropout": _between(0.0, 1.0, hi_open=True),
     "model.lora.target_modules": (lambda v: len(v) > 0, "must name at least one module"),
-    "task.num_train": _NON_NEGATIVE,
+    "task.num_train": (lambda v: v is None or v > 0, "must be > 0 (leave it unset for every row of a dataset)"),
     "task.num_eval": _NON_NEGATIVE,
     "rollout.group_size": _POSITIVE,
     "rollout.prompts_per_step": _POSITIVE,

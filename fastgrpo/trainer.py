@@ -204,6 +204,36 @@ class Trainer:
         self.rank, self.world = accel.process_index, accel.num_processes
         self.device = accel.device
 
+        # -- data and rewards: a bad dataset or reward fails here, before any model is loaded -----------------
+        opts = dict(cfg.task.options)
+        if cfg.task.name == "dataset":
+            if not cfg.task.dataset:
+                raise ConfigError(
+                    "task.dataset: the 'dataset' task needs task.dataset (a path or dataset name)"
+                )
+            opts.update(source=cfg.task.dataset, split=cfg.task.dataset_split, prompt_field=cfg.task.prompt_field,
+                        answer_field=cfg.task.answer_field)  # fmt: skip
+            opts.update({k: v for k in ("eval_split", "eval_source") if (v := getattr(cfg.task, k)) is not None})
+        try:
+            task = build_task(cfg.task.name, **opts)
+            num_train = cfg.task.num_train if cfg.task.num_train is not None else task.default_num_train
+            self.train_set, self.eval_set = task.split(num_train, cfg.task.num_eval, cfg.task.seed)
+            if callable(getattr(task, "check_rewards", None)):
+                task.check_rewards([t.name for t in cfg.rewards])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.rewards = RewardTerms([(t.name, t.weight, t.params) for t in cfg.rewards])
+        if cfg.advantage.care.enabled and cfg.advantage.care.accuracy_term not in self.rewards.names:
+            raise ConfigError(
+                f"advantage.care.accuracy_term: no reward term named {cfg.advantage.care.accuracy_term!r}"
+            )
+        if cfg.filter.enabled and cfg.filter.metric not in ("reward", *self.rewards.names):
+            raise ConfigError(
+                f"filter.metric: {cfg.filter.metric!r} is neither 'reward' nor one of the reward terms "
+                f"{self.rewards.names}; add an accuracy term (weight 0 logs it without changing the reward) or "
+                "set filter.metric"
+            )
+
         # -- model, tokenizer, LoRA, speed switches ------------------------------------------------------
         torch.manual_seed(cfg.train.seed)  # LoRA init: identical on every rank
         dtype = getattr(torch, cfg.model.dtype)
@@ -231,39 +261,14 @@ class Trainer:
         self.head = lm_head_of(model)
         self.reference = self._build_reference(model)
 
-        # -- data -------------------------------------------------------------------------------------------
-        opts = dict(cfg.task.options)
-        if cfg.task.name == "dataset":
-            if not cfg.task.dataset:
-                raise ConfigError(
-                    "task.dataset: the 'dataset' task needs task.dataset (a path or dataset name)"
-                )
-            opts.update(source=cfg.task.dataset, split=cfg.task.dataset_split, prompt_field=cfg.task.prompt_field,
-                        answer_field=cfg.task.answer_field)  # fmt: skip
-        try:
-            task = build_task(cfg.task.name, **opts)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.train_set, self.eval_set = task.split(cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
         for split, examples in (("train", self.train_set), ("eval", self.eval_set)):
-            for i, ex in enumerate(examples):  # messages and media (decoded once) before any generation
+            for i, ex in enumerate(examples):  # messages against the model (media decoded when encoded)
                 try:
-                    check_example(ex, i, self.processor)
+                    check_example(ex, i, self.processor, decode=False)
                 except ValueError as e:
                     raise ConfigError(f"task {cfg.task.name!r}, {split} split: {e}") from None
         self.stream = PromptStream(self._build_sampler())
-        self.rewards = RewardTerms([(t.name, t.weight, t.params) for t in cfg.rewards])
         self.advantages = AdvantagePipeline.from_config(cfg.advantage, self.tokenizer)
-        if cfg.advantage.care.enabled and cfg.advantage.care.accuracy_term not in self.rewards.names:
-            raise ConfigError(
-                f"advantage.care.accuracy_term: no reward term named {cfg.advantage.care.accuracy_term!r}"
-            )
-        if cfg.filter.enabled and cfg.filter.metric not in ("reward", *self.rewards.names):
-            raise ConfigError(
-                f"filter.metric: {cfg.filter.metric!r} is neither 'reward' nor one of the reward terms "
-                f"{self.rewards.names}; add an accuracy term (weight 0 logs it without changing the reward) or "
-                "set filter.metric"
-            )
 
         # -- optimisation ---------------------------------------------------------------------------------
         params = [p for p in model.parameters() if p.requires_grad]

@@ -531,10 +531,14 @@ def _parts(example: Any, index: int | None) -> tuple[int, int]:
 
 
 def check_example(
-    example: Any, index: int | None, processor: Any
+    example: Any, index: int | None, processor: Any, *, decode: bool = True
 ) -> tuple[list[Any], list[tuple[list[Any], float]]]:
     """Validate one example against ``processor`` (a processor, or a tokenizer for a text-only model) and load its
-    media: ``(RGB images, [(frames, fps), ...])``. Raises ``ValueError`` naming the example and the field."""
+    media: ``(RGB images, [(frames, fps), ...])``. Raises ``ValueError`` naming the example and the field.
+
+    ``decode=False`` checks the structure only (parts against media, a text-only model given media, media files
+    that do not exist) and returns no media: the cheap check of a whole dataset before any model work; the
+    media are decoded, and checked, when the prompt is encoded."""
     n_img, n_vid = _parts(example, index)
     images = list(getattr(example, "images", None) or [])
     videos = list(getattr(example, "videos", None) or [])
@@ -552,6 +556,13 @@ def check_example(
             )
     if videos and getattr(processor, "video_processor", None) is None:
         raise ValueError(f"{_where(index, 'videos')}: {type(processor).__name__} takes no video")
+    if not decode:
+        for name, media in (("images", images), ("videos", videos)):
+            for k, x in enumerate(media):
+                src = x.get("path") if isinstance(x, dict) and not x.get("bytes") else x
+                if isinstance(src, (str, os.PathLike)) and not Path(src).expanduser().is_file():
+                    raise ValueError(f"{_where(index, f'{name}[{k}]')}: file {str(src)!r} does not exist")
+        return [], []
     loaded_images = [load_image(x, where=_where(index, f"images[{k}]")) for k, x in enumerate(images)]
     loaded_videos = [load_video(v, where=_where(index, f"videos[{k}]")) for k, v in enumerate(videos)]
     return loaded_images, loaded_videos

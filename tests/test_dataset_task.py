@@ -248,7 +248,7 @@ def test_trains_two_steps_on_a_users_jsonl(tmp_path, kind):
         (tmp_path / "data").mkdir()
         _write_jsonl(tmp_path / "data" / "train.jsonl", _conversational(8))
         f = _write_jsonl(tmp_path / "data" / "test.jsonl", _conversational(3)).parent
-        extra = ["task.answer_field=solution", "task.options={eval_split: test}", "train.eval_prompts=3"]
+        extra = ["task.answer_field=solution", "task.eval_split=test", "train.eval_prompts=3"]
     else:  # plain prompts, no answer column, a reward that needs none
         f = _write_jsonl(
             tmp_path / "d.jsonl", [{"prompt": f"Say {w}."} for w in ("a", "b", "c", "d", "e", "f")]
@@ -259,3 +259,50 @@ def test_trains_two_steps_on_a_users_jsonl(tmp_path, kind):
     assert len(result.metrics) == 2 and all(r["reward"] == r["reward"] for r in result.metrics)  # no NaN
     if kind == "conversational":
         assert [step for step, _ in result.evals] == [0, 2]  # greedy accuracy on the test split's 3 prompts
+
+
+def test_trainer_wiring_of_the_dataset_task(tmp_path, monkeypatch):
+    """Unset task.num_train trains on every row; a reward that needs answers, on a dataset without them, and a
+    text-only model given images fail before any model is loaded (load_policy is never called)."""
+    from fastgrpo.config import ConfigError, load_config
+    from fastgrpo.trainer import Trainer
+
+    rows = [{"prompt": f"What is {i}+1?", "answer": str(i + 1)} for i in range(700)]
+    f = _write_jsonl(tmp_path / "d.jsonl", rows)
+    t = Trainer(
+        load_config(None, [*_TINY, f"task.dataset={f}", f"train.output_dir={tmp_path}"]), write_run=False
+    )
+    assert len(t.train_set) == 700 - 2  # all of them, not 512: two held out for eval
+    with pytest.raises(
+        ConfigError, match=r"rewards\.0\.name: 'accuracy' compares completions with the gold answer"
+    ):
+        load_config(
+            None, [*_TINY, f"task.dataset={f}", "task.answer_field=null", "rewards=[{name: accuracy}]"]
+        )
+
+    import fastgrpo.trainer as trainer_mod
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(trainer_mod, "load_policy", no_model)
+    g = _write_jsonl(
+        tmp_path / "noanswer.jsonl", [{"prompt": "Say a."}, {"prompt": "Say b."}, {"prompt": "Say c."}]
+    )
+    with pytest.raises(ConfigError, match="reward 'accuracy' compares completions with the gold answer"):
+        Trainer(load_config(None, [*_TINY, f"task.dataset={g}", "rewards=[{name: accuracy}]"]))
+    monkeypatch.undo()
+    img = tmp_path / "pic.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    media = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+              "answer": "x", "images": [str(img)]}] * 4  # fmt: skip
+    h = _write_jsonl(tmp_path / "media.jsonl", media)
+    with pytest.raises(
+        ConfigError,
+        match=r"split: example \d+: images: the example has images / video but the model is text-only",
+    ):
+        Trainer(
+            load_config(None, [*_TINY, f"task.dataset={h}", f"train.output_dir={tmp_path}"]), write_run=False
+        )

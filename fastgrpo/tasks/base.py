@@ -92,6 +92,8 @@ class Task:
 
     name: str = "task"
     stage_key: str | None = None
+    #: training examples drawn when the config leaves ``task.num_train`` unset (0: every example there is)
+    default_num_train: int = 512
 
     def make(self, rng: random.Random) -> Example:
         raise NotImplementedError

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from ..rewards.outcome import ANSWER_REWARDS
 from .base import Example, Task
 
 __all__ = ["DatasetTask", "ExampleList", "load_rows"]
@@ -48,9 +49,6 @@ logger = logging.getLogger(__name__)
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _MEDIA_FIELDS = ("images", "videos")
 _DEFAULT_ANSWER_FIELD = "answer"
-# Rewards that compare a completion with the gold answer (fastgrpo.rewards.outcome.ANSWER_REWARDS; repeated
-# here because tasks do not import the reward layer).
-_ANSWER_REWARDS = ("accuracy", "dapo")
 
 
 def _describe(source: Any) -> str:
@@ -140,6 +138,7 @@ class DatasetTask(Task):
     """A ``datasets`` dataset as a task (module docstring: sources, columns, splits)."""
 
     name = "dataset"
+    default_num_train = 0  # every row: a user's dataset is used whole unless task.num_train limits it
 
     def __init__(
         self,
@@ -209,7 +208,7 @@ class DatasetTask(Task):
         if self.has_answers:
             return
         for name in reward_names:
-            if name in _ANSWER_REWARDS:
+            if name in ANSWER_REWARDS:
                 raise ValueError(
                     f"reward {name!r} compares completions with the gold answer, but the dataset "
                     f"{_describe(self.source)} has no answer column (columns: {sorted(_columns(self.rows))}); "
