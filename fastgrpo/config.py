@@ -452,7 +452,10 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.lora.alpha": _POSITIVE,
     "model.lora.dropout": _between(0.0, 1.0, hi_open=True),
     "model.lora.target_modules": (lambda v: len(v) > 0, "must name at least one module"),
-    "task.num_train": (lambda v: v is None or v > 0, "must be > 0 (leave it unset for every row of a dataset)"),
+    "task.num_train": (
+        lambda v: v is None or v > 0,
+        "must be > 0 (leave it unset for every row of a dataset)",
+    ),
     "task.num_eval": _NON_NEGATIVE,
     "rollout.group_size": _POSITIVE,
     "rollout.prompts_per_step": _POSITIVE,

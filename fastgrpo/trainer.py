@@ -213,7 +213,9 @@ class Trainer:
                 )
             opts.update(source=cfg.task.dataset, split=cfg.task.dataset_split, prompt_field=cfg.task.prompt_field,
                         answer_field=cfg.task.answer_field)  # fmt: skip
-            opts.update({k: v for k in ("eval_split", "eval_source") if (v := getattr(cfg.task, k)) is not None})
+            opts.update(
+                {k: v for k in ("eval_split", "eval_source") if (v := getattr(cfg.task, k)) is not None}
+            )
         try:
             task = build_task(cfg.task.name, **opts)
             num_train = cfg.task.num_train if cfg.task.num_train is not None else task.default_num_train
