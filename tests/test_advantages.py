@@ -246,10 +246,10 @@ def test_property_matches_naive(data):
 
 
 def test_group_index_and_stats():
-    idx, G = group_index(6, group_size=3)
-    assert G == 2 and idx.tolist() == [0, 0, 0, 1, 1, 1]
-    idx, G = group_index(4, group_ids=torch.tensor([5, -1, 5, 9]))
-    assert G == 3 and idx.tolist() == [1, 0, 1, 2]  # numbered by sorted id
+    idx, P = group_index(6, group_size=3)
+    assert P == 2 and idx.tolist() == [0, 0, 0, 1, 1, 1]
+    idx, P = group_index(4, group_ids=torch.tensor([5, -1, 5, 9]))
+    assert P == 3 and idx.tolist() == [1, 0, 1, 2]  # numbered by sorted id
     mean, std, count = group_stats(torch.tensor([1.0, 2.0, 4.0, 3.0]), torch.tensor([0, 0, 0, 1]), 2)
     # group 0: mean 7/3; deviations -4/3, -1/3, 5/3; sum sq 42/9; /2 -> std sqrt(7/3) = 1.5275252; group 1: size 1
     torch.testing.assert_close(mean, torch.tensor([7 / 3, 3.0]))

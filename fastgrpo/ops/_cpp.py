@@ -8,8 +8,8 @@ registers the fake (meta) implementations that let ``torch.compile`` trace the o
   ``fastgrpo/ops/epilogue.py``); one set of ops serves both names and dispatches on the block's device,
   ``cuda`` additionally requires the CUDA kernels to be compiled in.
 - :func:`group_advantages` — group statistics, the three estimators and scales, the GRPO-CARE bonus and COPO's
-  global advantage / blend weight in one call; :func:`group_advantages_like_ref` has the signature of
-  ``fastgrpo.advantages.group_advantages_ref`` for a drop-in backend.
+  global advantage / blend weight in one call (``fastgrpo.advantages.group_advantages``'s ``cpp`` / ``cuda``
+  backends).
 
 Op schemas (``csrc/bindings.cpp``)::
 
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fastgrpo._backends import BackendUnavailable, load_ext
+from fastgrpo.ops._validate import compute_dtype
 from fastgrpo.ops.epilogue import Epilogue
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "build_info",
     "get_epilogue",
     "group_advantages",
-    "group_advantages_like_ref",
     "lse_logp_entropy",
     "logits_grad_",
     "set_cpu_kernel",
@@ -171,14 +171,10 @@ class GroupAdvantages(NamedTuple):
 
     advantages: Tensor  # [B]
     bonus: Tensor  # [B] GRPO-CARE bonus (already added to the rewards the advantages use); [0] without CARE
-    mean: Tensor  # [G] group mean of the (bonus-augmented) rewards
-    std: Tensor  # [G] unbiased group std (0 for size-1 groups)
-    global_advantages: Tensor  # [G] COPO global advantage; [0] without COPO
-    blend_weight: Tensor  # [G] COPO sigmoid(k (H - b)), weight of the local loss; [0] without COPO
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    mean: Tensor  # [P] group mean of the (bonus-augmented) rewards
+    std: Tensor  # [P] unbiased group std (0 for size-1 groups)
+    global_advantages: Tensor  # [P] COPO global advantage; [0] without COPO
+    blend_weight: Tensor  # [P] COPO sigmoid(k (H - b)), weight of the local loss; [0] without COPO
 
 
 def group_advantages(
@@ -202,12 +198,12 @@ def group_advantages(
 ) -> GroupAdvantages:
     """Group-relative advantages and the CARE / COPO group terms in one extension call (CPU or CUDA).
 
-    Semantics of ``fastgrpo.advantages`` (the spec): ``rewards [B]``, ``index`` int64 ``[B]`` in ``0..G-1`` with
-    every group non-empty (``group_index``), ``num_groups = G``.
+    Semantics of ``fastgrpo.advantages`` (the spec): ``rewards [B]``, ``index`` int64 ``[B]`` in ``0..P-1`` with
+    every group non-empty (``group_index``), ``num_groups = P`` (the number of prompts).
 
     - With ``care_acc`` and ``care_confidence`` (``[B]``): ``bonus = care_bonus(acc, confidence, ...)`` and the
       advantages are those of ``rewards + bonus`` (pass ``rewards = acc + fmt`` for GRPO-CARE's ``R``).
-    - With ``copo_entropy`` (``[G]``, answer entropy in bits): ``global_advantages =
+    - With ``copo_entropy`` (``[P]``, answer entropy in bits): ``global_advantages =
       copo_global_advantages(copo_global_reward(rewards', ..., use_entropy_coef=copo_entropy_coef), eps=copo_eps)``
       and ``blend_weight = copo_blend_weight(entropy, k=copo_k, b=copo_b)``, ``rewards'`` the rewards used above.
 
@@ -221,7 +217,7 @@ def group_advantages(
         raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
     if (care_acc is None) != (care_confidence is None):
         raise ValueError("give both care_acc and care_confidence (GRPO-CARE) or neither")
-    dtype = _compute_dtype(rewards)
+    dtype = compute_dtype(rewards)
     r = rewards.to(dtype)
     acc = None if care_acc is None else care_acc.to(device=r.device, dtype=dtype)
     conf = None if care_confidence is None else care_confidence.to(device=r.device, dtype=dtype)
@@ -249,19 +245,6 @@ def group_advantages(
         bool(copo_entropy_coef),
     )
     return GroupAdvantages(*out)
-
-
-def group_advantages_like_ref(
-    rewards: Tensor,
-    index: Tensor,
-    num_groups: int,
-    *,
-    scale: str = "group",
-    estimator: str = "grpo",
-    eps: float = 1e-4,
-) -> Tensor:
-    """Drop-in for ``fastgrpo.advantages.group_advantages_ref`` (same arguments, same result) on the extension."""
-    return group_advantages(rewards, index, num_groups, scale=scale, estimator=estimator, eps=eps).advantages
 
 
 _register_if_built()
