@@ -576,11 +576,12 @@ def test_chunk_size_must_be_a_positive_integer(gen, chunk):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "where,value",
-    [(name, v) for name in ("hidden", "weight") for v in (math.nan, math.inf, -math.inf)]
-    + [("bias", math.nan), ("bias", math.inf)],  # -inf in the bias bans a token: test_minus_inf_bias_bans_tokens
-)
+# -inf in the bias bans a token (test_minus_inf_bias_bans_tokens)
+NON_FINITE = [(n, v) for n in ("hidden", "weight") for v in (math.nan, math.inf, -math.inf)]
+NON_FINITE += [("bias", math.nan), ("bias", math.inf)]
+
+
+@pytest.mark.parametrize("where,value", NON_FINITE)
 def test_non_finite_head_inputs_raise_naming_the_argument(gen, backend, where, value):
     """Found by the O(N) log-partition / entropy check (no pass over [N, D]); the message names the input."""
     x = make_batch(gen, b=2, t=5, d=8, v=40, mask_p=0.0)
@@ -734,6 +735,15 @@ def test_loss_config_validate_names_the_field_first(field, value):
         LossConfig(**{field: value}).validate()
 
 
+def _loss_of(x, h, w, seqs, loss_type, num_items):
+    ix = torch.tensor(seqs)
+    return grpo_loss(
+        h[ix], w, x["y"][ix], x["adv"][ix].float(), mask=x["mask"][ix], old_logp=x["old"][ix].float(),
+        ref_logp=x["ref"][ix].float(), num_items_in_batch=num_items, loss_type=loss_type, max_completion_length=6,
+        eps_high=5.0 if loss_type == "cispo" else None, beta=0.04,
+    ).loss  # fmt: skip
+
+
 def test_accumulation_weight_gives_the_global_gradient(gen):
     """Two simulated DDP ranks, each with its share of the global batch split into micro-batches: the sum over a
     rank's micro-batches of accumulation_weight(...) * grad(micro-batch loss), averaged over the ranks, equals
@@ -745,17 +755,9 @@ def test_accumulation_weight_gives_the_global_gradient(gen):
     ranks = [[[0, 1, 2], [3]], [[4, 5], [6, 7]]]  # sequence indices of each micro-batch, per rank
     total_tokens = int(x["mask"].sum())
     for lt in LOSS_TYPES:
-        kw = dict(loss_type=lt, max_completion_length=6, eps_high=5.0 if lt == "cispo" else None, beta=0.04)
         h = x["h"].float().requires_grad_()
         w = x["w"].float().requires_grad_()
-
-        def loss_of(seqs):
-            ix = torch.tensor(seqs)
-            items = total_tokens if lt in ("dapo", "cispo") else None
-            return grpo_loss(h[ix], w, x["y"][ix], x["adv"][ix].float(), mask=x["mask"][ix],
-                             old_logp=x["old"][ix].float(), ref_logp=x["ref"][ix].float(),
-                             num_items_in_batch=items, **kw).loss  # fmt: skip
-
+        items = total_tokens if lt in ("dapo", "cispo") else None
         rank_grads = []
         for mbs in ranks:
             local = sum(int(x["mask"][i].sum()) for mb in mbs for i in mb)
@@ -765,13 +767,13 @@ def test_accumulation_weight_gives_the_global_gradient(gen):
                     lt, num_seqs=len(mb), total_seqs=8, num_tokens=int(x["mask"][mb].sum()), local_tokens=local,
                     world_size=world,
                 )  # fmt: skip
-                total = total + wgt * loss_of(mb)
+                total = total + wgt * _loss_of(x, h, w, mb, lt, items)
             rank_grads.append(torch.autograd.grad(total, [h, w]))
         ddp = [(a + b_) / world for a, b_ in zip(*rank_grads)]
         if lt == "bnpo":
-            direct = sum(loss_of([i for mb in mbs for i in mb]) for mbs in ranks) / world
+            direct = sum(_loss_of(x, h, w, [i for mb in mbs for i in mb], lt, None) for mbs in ranks) / world
         else:
-            direct = loss_of(list(range(8)))
+            direct = _loss_of(x, h, w, list(range(8)), lt, None)
         one_shot = torch.autograd.grad(direct, [h, w])
         for got, want in zip(ddp, one_shot):
             assert float(want.abs().max()) > 0

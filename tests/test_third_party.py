@@ -26,7 +26,9 @@ def _run(code: str, *extra_path: Path) -> subprocess.CompletedProcess:
 def test_top_level_kernels_hands_over_to_the_installed_package(tmp_path):
     site = tmp_path / "site"
     (site / "kernels").mkdir(parents=True)
-    (site / "kernels" / "__init__.py").write_text("def get_kernel(repo_id, version=None):\n    return repo_id\n")
+    (site / "kernels" / "__init__.py").write_text(
+        "def get_kernel(repo_id, version=None):\n    return repo_id\n"
+    )
     (site / "kernels" / "utils.py").write_text("X = 1\n")
     r = _run(
         """

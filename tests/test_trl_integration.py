@@ -261,7 +261,9 @@ def test_all_masked_micro_batch_matches_trl(env, loss_type, extra):
     trainer, inputs = env
     inputs = dict(inputs, completion_mask=torch.zeros_like(inputs["completion_mask"]))
     inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
-    with _Attrs(trainer, {"loss_type": loss_type, "beta": 0.0, "current_gradient_accumulation_steps": 2, **extra}):
+    with _Attrs(
+        trainer, {"loss_type": loss_type, "beta": 0.0, "current_gradient_accumulation_steps": 2, **extra}
+    ):
         _, (loss, grads, metrics) = _compare(trainer, inputs)
     assert loss.item() == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
     assert "lm_head.weight" in grads or "model.embed_tokens.weight" in grads  # connected to the head as well
