@@ -575,12 +575,12 @@ def test_chunk_size_must_be_a_positive_integer(gen, chunk):
         GRPOLoss(chunk_size=chunk)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 # -inf in the bias bans a token (test_minus_inf_bias_bans_tokens)
 NON_FINITE = [(n, v) for n in ("hidden", "weight") for v in (math.nan, math.inf, -math.inf)]
 NON_FINITE += [("bias", math.nan), ("bias", math.inf)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where,value", NON_FINITE)
 def test_non_finite_head_inputs_raise_naming_the_argument(gen, backend, where, value):
     """Found by the O(N) log-partition / entropy check (no pass over [N, D]); the message names the input."""
