@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_budget, max_err
 
 from fastgrpo._backends import BackendUnavailable
 
@@ -24,7 +25,6 @@ except BackendUnavailable as e:  # pragma: no cover - depends on the build
 from fastgrpo import advantages as adv_ref
 from fastgrpo.ops.epilogue import get_epilogue, torch_logits_grad_, torch_lse_logp_entropy
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 KERNELS = ["avx2", "default"] if BUILD["avx2_built"] else ["default"]
 
 
@@ -45,21 +45,6 @@ def kernel(request):
     _cpp.set_cpu_kernel(request.param)
     yield request.param
     _cpp.set_cpu_kernel("auto")
-
-
-def _err(x: torch.Tensor, gt: torch.Tensor) -> float:
-    d = (x.double() - gt.double()).abs()
-    if torch.isnan(d).any():
-        return math.inf
-    return float(d.max()) if d.numel() else 0.0
-
-
-def _assert_budget(name: str, ext: torch.Tensor, ref_lowp: torch.Tensor, gt: torch.Tensor, dtype) -> None:
-    e_ext, e_ref = _err(ext, gt), _err(ref_lowp, gt)
-    if math.isinf(e_ref):  # the low-precision torch reference itself produced NaN; hold the ext to atol
-        e_ref = 0.0
-    bound = 2 * e_ref + ATOL[dtype]
-    assert e_ext <= bound, f"{name}: err {e_ext:.3e} > budget {bound:.3e} (torch ref err {e_ref:.3e})"
 
 
 def _fp64_forward(z: torch.Tensor, targets: torch.Tensor, inv_temp: float):
@@ -112,7 +97,7 @@ def test_forward_matches_fp64(kernel, dtype, C, V, inv_temp):
     ref = torch_lse_logp_entropy(z, t, inv_temp)
     for name, e, r, g in zip(("lse", "logp", "entropy"), ext, ref, gt):
         assert e.dtype == torch.float32 and e.shape == (C,)
-        _assert_budget(name, e, r, g, dtype)
+        assert_budget(e, g, r, dtype, name, relative_atol=False)
     assert torch.equal(z, z_before), "lse_logp_entropy wrote into its input"
 
 
@@ -135,7 +120,7 @@ def test_gradient_matches_fp64_autograd(kernel, dtype, C, V, with_ent):
     ref = torch_logits_grad_(z.clone(), t, lse_r, ent_r, c_logp, c_ent, inv_temp)
 
     assert out is zb and out.dtype == dtype, "logits_grad_ must return its (overwritten) input"
-    _assert_budget("dz", out, ref, gt, dtype)
+    assert_budget(out, gt, ref, dtype, "dz", relative_atol=False)
     for before, after in zip(stats_before, (lse, ent, c_logp)):
         assert torch.equal(before, after), "logits_grad_ wrote into an input other than z"
 
@@ -152,13 +137,13 @@ def test_extreme_logits(kernel, dtype):
     ref = torch_lse_logp_entropy(z, t, 1.0)
     for name, e, r, g in zip(("lse", "logp", "entropy"), ext, ref, gt):
         assert torch.isfinite(e).all(), f"{name} not finite at |z| ~ 1e4"
-        _assert_budget(name, e, r, g, dtype)
+        assert_budget(e, g, r, dtype, name, relative_atol=False)
     c_logp, c_ent = torch.randn(C), torch.randn(C)
     out = _cpp.logits_grad_(z.clone(), t, ext[0], ext[2], c_logp, c_ent, 1.0)
     ref_g = torch_logits_grad_(z.clone(), t, ref[0], ref[2], c_logp, c_ent, 1.0)
     gt_g = _fp64_grad_autograd(z, t, c_logp, c_ent, 1.0)
     assert torch.isfinite(out).all()
-    _assert_budget("dz", out, ref_g, gt_g, dtype)
+    assert_budget(out, gt_g, ref_g, dtype, "dz", relative_atol=False)
 
 
 def test_minus_inf_logits_are_exact_zeros(kernel):
@@ -169,7 +154,7 @@ def test_minus_inf_logits_are_exact_zeros(kernel):
     ext = _cpp.lse_logp_entropy(z, t.clamp(max=99), 1.0)
     gt = _fp64_forward(z, t.clamp(max=99), 1.0)
     for name, e, g in zip(("lse", "logp", "entropy"), ext, gt):
-        assert _err(e, g) <= 1e-5, name
+        assert max_err(e, g) <= 1e-5, name
     c_logp, c_ent = torch.randn(C), torch.randn(C)
     out = _cpp.logits_grad_(z.clone(), t.clamp(max=99), ext[0], ext[2], c_logp, c_ent, 1.0)
     assert torch.isfinite(out).all()
@@ -194,7 +179,7 @@ def test_kernels_agree():
         outs[k] = _cpp.lse_logp_entropy(z, t, 1.3)
     _cpp.set_cpu_kernel("auto")
     for a, b in zip(outs["avx2"], outs["default"]):
-        assert _err(a, b) <= 1e-5
+        assert max_err(a, b) <= 1e-5
 
 
 def test_empty_block():
@@ -313,8 +298,8 @@ def test_group_advantages_ragged(estimator, scale, B):
     ext64 = _ext(r64, index, P, **kw)
     for k in gt:
         assert ext32[k].dtype == torch.float32 and ext64[k].dtype == torch.float64
-        _assert_budget(k, ext32[k], ref32[k], gt[k], torch.float32)
-        assert _err(ext64[k], gt[k]) <= 1e-12, k
+        assert_budget(ext32[k], gt[k], ref32[k], torch.float32, k, relative_atol=False)
+        assert max_err(ext64[k], gt[k]) <= 1e-12, k
 
 
 @pytest.mark.parametrize("scale", adv_ref.SCALES)
@@ -329,7 +314,7 @@ def test_group_advantages_zero_spread_and_singletons_are_exact_zeros(scale):
         assert (a[14:] != 0).any()
         ref = adv_ref.group_advantages_ref(r, index, P, scale=scale, estimator=est)
         # same operations in the same order as the reference, except the batch std (fp64 sums here)
-        assert torch.equal(a, ref) if scale != "batch" else _err(a, ref) <= 1e-6
+        assert torch.equal(a, ref) if scale != "batch" else max_err(a, ref) <= 1e-6
 
 
 def test_group_advantages_hand_computed():
@@ -364,8 +349,8 @@ def test_care_bonus(levels, margin):
     assert (ext64["bonus"][index == 0] == 0).all()
     assert (ext64["bonus"] > 0).any()
     for k in gt:
-        _assert_budget(k, ext32[k], ref32[k], gt[k], torch.float32)
-        assert _err(ext64[k], gt[k]) <= 1e-12, k
+        assert_budget(ext32[k], gt[k], ref32[k], torch.float32, k, relative_atol=False)
+        assert max_err(ext64[k], gt[k]) <= 1e-12, k
 
 
 def test_care_all_groups_ineligible():
@@ -391,8 +376,8 @@ def test_copo(entropy_coef, scale):
     ext32 = _ext(r.float(), index, P, copo=(ent.float(), pkw), **kw)
     ext64 = _ext(r, index, P, copo=(ent, pkw), **kw)
     for k in gt:
-        _assert_budget(k, ext32[k], ref32[k], gt[k], torch.float32)
-        assert _err(ext64[k], gt[k]) <= 1e-12, k
+        assert_budget(ext32[k], gt[k], ref32[k], torch.float32, k, relative_atol=False)
+        assert max_err(ext64[k], gt[k]) <= 1e-12, k
 
 
 def test_copo_all_equal_global_rewards_give_zero():
@@ -427,7 +412,7 @@ def test_group_advantages_cpp_backend_is_the_torch_one():
         for scale in adv_ref.SCALES:
             a = adv_ref.group_advantages(r, 8, scale=scale, estimator=est, backend="cpp")
             b = adv_ref.group_advantages(r, 8, scale=scale, estimator=est, backend="torch")
-            assert _err(a, b) <= 1e-6
+            assert max_err(a, b) <= 1e-6
 
 
 def test_opcheck_group_advantages():
