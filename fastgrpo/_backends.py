@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import warnings
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,14 @@ class _KnownNoise(logging.Filter):
 # is first imported (peft imports it), which importing fastgrpo ensures.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     _KnownNoise("Failed to load CPU gemm_4bit_forward from kernels-community")
+)
+# transformers 5 renamed `is_gradient_checkpointing`; peft (0.21) still reads the old name whenever it wraps a model
+# in LoRA, which every LoRA run would print once. This message from that module only.
+warnings.filterwarnings(
+    "ignore",
+    message="`is_gradient_checkpointing` is deprecated",
+    category=FutureWarning,
+    module=r"transformers\.modeling_utils",
 )
 
 

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from fastgrpo.ops._dispatch import ADVANTAGES, resolve_backend
-from fastgrpo.ops._validate import compute_dtype
+from fastgrpo.ops._validate import ESTIMATORS, SCALES, check_choice, compute_dtype
 from fastgrpo.ops._validate import shape as _shape  # the name fastgrpo.rewards and fastgrpo.sampling import
 
 __all__ = [
@@ -78,8 +78,6 @@ __all__ = [
     "copo_global_advantages",
 ]
 
-SCALES = ("group", "batch", "none")
-ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 COPO_GATINGS = (
     "soft-with-zero",
     "soft-with-forced",
@@ -264,10 +262,8 @@ def group_advantages(
     _check_tensor("rewards", rewards, ndim=(1, 2))
     if rewards.numel() == 0:
         raise ValueError(f"empty batch: rewards has shape {_shape(rewards)}, need at least one element")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    check_choice("scale", scale, SCALES)
+    check_choice("estimator", estimator, ESTIMATORS)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     x = _check_real("rewards", rewards)

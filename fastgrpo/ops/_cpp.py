@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastgrpo._backends import BackendUnavailable, load_ext
-from fastgrpo.ops._validate import compute_dtype
+from fastgrpo.ops._validate import ESTIMATORS, SCALES, check_choice, compute_dtype
 from fastgrpo.ops.epilogue import Epilogue
 
 __all__ = [
@@ -47,9 +47,6 @@ __all__ = [
     "set_cpu_kernel",
 ]
 
-_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
-_SCALES = ("group", "batch", "none")
-
 
 @functools.cache
 def _ext() -> ModuleType:
@@ -57,6 +54,13 @@ def _ext() -> ModuleType:
     mod = load_ext()
     _register_fakes()
     return mod
+
+
+def _loaded() -> None:
+    # Under torch.compile the ops were loaded when the epilogue was built, before tracing: dynamo would trace
+    # through the cache of `_ext` (and warn about it) for nothing.
+    if not torch.compiler.is_compiling():
+        _ext()
 
 
 def _register_fakes() -> None:
@@ -127,7 +131,7 @@ def set_cpu_kernel(name: str) -> None:
 
 def lse_logp_entropy(z: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(lse, logp, entropy)`` fp32 ``[C]`` of the ``[C, V]`` block ``z`` (fp32/bf16/fp16, contiguous)."""
-    _ext()
+    _loaded()
     return torch.ops.fastgrpo.lse_logp_entropy.default(z, targets, float(inv_temp))
 
 
@@ -141,7 +145,7 @@ def logits_grad_(
     inv_temp: float,
 ) -> Tensor:
     """Overwrite ``z`` with ``dL/dz`` (see ``fastgrpo.ops.epilogue``) and return it."""
-    _ext()
+    _loaded()
     torch.ops.fastgrpo.logits_grad_.default(z, targets, lse, entropy, c_logp, c_ent, float(inv_temp))
     return z
 
@@ -211,10 +215,8 @@ def group_advantages(
     CUDA op does not synchronise to check (validate first, as ``fastgrpo.advantages.group_advantages`` does).
     """
     _ext()
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("scale", scale, SCALES)
     if (care_acc is None) != (care_confidence is None):
         raise ValueError("give both care_acc and care_confidence (GRPO-CARE) or neither")
     dtype = compute_dtype(rewards)

@@ -16,6 +16,8 @@ import torch
 
 from fastgrpo import _backends
 
+from ._validate import check_choice
+
 BACKENDS = ("torch", "cpp", "cuda", "triton", "triton_chunked")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -64,8 +66,7 @@ def _why_not(name: str, dev: torch.device, dtype: torch.dtype | None, op: OpBack
 
 def check_backend(name: str, dev: torch.device) -> None:
     """Raise ``BackendUnavailable`` (or ``ValueError`` for an unknown name) unless ``name`` runs on ``dev``."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    check_choice("backend", name, ("auto",) + BACKENDS)
     if name == "torch":
         return
     if name in ("triton", "triton_chunked"):
@@ -87,8 +88,7 @@ def check_backend(name: str, dev: torch.device) -> None:
 
 
 def _require(name: str, dev: torch.device, dtype: torch.dtype | None, op: OpBackends) -> str:
-    if name not in op.names:
-        raise ValueError(f"backend must be one of {('auto',) + op.names}, got {name!r}")
+    check_choice("backend", name, ("auto",) + op.names)
     why = _why_not(name, dev, dtype, op)
     if why is not None:
         raise _backends.BackendUnavailable(why)
@@ -105,8 +105,7 @@ def resolve_backend(
         return _require(backend, dev, dtype, op)
     forced = _backends.env_backend()
     if forced is not None:
-        if forced not in BACKENDS:
-            raise ValueError(f"FASTGRPO_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        check_choice("FASTGRPO_BACKEND", forced, BACKENDS)
         if forced in op.names:
             return _require(forced, dev, dtype, op)
     return available_backends(dev, dtype, op)[0]

@@ -8,6 +8,15 @@ import math
 import torch
 from torch import Tensor
 
+# The advantage estimators and scales (fastgrpo.advantages is their spec; the C++ op implements them too)
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+SCALES = ("group", "batch", "none")
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
 
 def shape(t: Tensor | None) -> str:
     """``[2, 3]`` (``None`` for None): how every message of the library writes a tensor's shape."""

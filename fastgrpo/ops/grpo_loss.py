@@ -48,6 +48,7 @@ from torch import Tensor
 from ._dispatch import BACKENDS, resolve_backend
 from ._engine import chunked_pass, default_chunk_size
 from ._validate import (
+    check_choice,
     check_chunk_size,
     check_finite,
     check_float,
@@ -168,12 +169,8 @@ class LossConfig:
                 f"{name} must be {'None or ' if optional else ''}a finite number {rule}, got {v!r}"
             )
 
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.importance_level not in IMPORTANCE_LEVELS:
-            raise ValueError(
-                f"importance_level must be one of {IMPORTANCE_LEVELS}, got {self.importance_level!r}"
-            )
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
         number("eps_low", lambda v: v >= 0, ">= 0")
         number("eps_high", lambda v: v >= 0, ">= 0", optional=True)
         number("delta", lambda v: v > 1, "> 1 (an upper clamp on the ratio)", optional=True)
@@ -185,8 +182,7 @@ class LossConfig:
         number("sapo_tau_pos", lambda v: v > 0, "> 0")
         number("sapo_tau_neg", lambda v: v > 0, "> 0")
         check_chunk_size(self.chunk_size)
-        if self.backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {self.backend!r}")
+        check_choice("backend", self.backend, ("auto",) + BACKENDS)
 
 
 def accumulation_weight(
@@ -214,9 +210,8 @@ def accumulation_weight(
         return float(world_size)
     if loss_type == "bnpo":
         return num_tokens / max(local_tokens, 1)
-    if loss_type in ("grpo", "sapo", "dr_grpo"):
-        return num_seqs / total_seqs * world_size
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    return num_seqs / total_seqs * world_size  # grpo, sapo, dr_grpo
 
 
 @dataclass
