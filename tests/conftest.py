@@ -3,7 +3,11 @@ benchmark checks share) and random inputs."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 # Triton reads TRITON_INTERPRET once, when it is first imported: set before anything imports it so the Triton
 # kernels run on CPU tensors under the interpreter (tests that need the "no interpreter" error unset it).
@@ -19,6 +23,24 @@ from bench._harness import ATOL, error_budget  # noqa: E402
 from bench._harness import abs_err as max_err  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class _CheckoutKernels(importlib.abc.MetaPathFinder):
+    """``fastgrpo.kernels`` from this checkout's ``kernels/``, like ``fastgrpo`` itself (``pythonpath``), whatever
+    checkout an editable install maps it to (a git worktree shares its main checkout's install)."""
+
+    root = Path(__file__).resolve().parent.parent / "kernels"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "fastgrpo.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, self.root / "__init__.py", submodule_search_locations=[str(self.root)]
+        )
+
+
+if "fastgrpo.kernels" not in sys.modules and (_CheckoutKernels.root / "__init__.py").is_file():
+    sys.meta_path.insert(0, _CheckoutKernels())
 
 __all__ = ["ATOL", "assert_budget", "max_err", "padded_logprobs", "rand_ids"]
 

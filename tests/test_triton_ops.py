@@ -74,6 +74,7 @@ def check(out, gt, lo, dtype, what):
 
 def test_auto_never_picks_triton_on_cpu(monkeypatch):
     assert not {"triton", "triton_chunked"} & set(fastgrpo.available_backends("cpu"))
+    fastgrpo._backends.load_triton()  # its first import fixes its mode: the interpreter's, before unsetting it
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not {"triton", "triton_chunked"} & set(fastgrpo.available_backends("cpu"))
     h, w, y = torch.randn(3, 16), torch.randn(20, 16), torch.randint(0, 20, (3,))
@@ -184,3 +185,41 @@ def test_grpo_loss_from_logits(gen, inplace):
     out, res = run(torch.float32, backend="triton")
     for name, o, g, r in zip(("loss", "d_logits"), res, gt, lo):
         assert_budget(o, g, r, torch.float32, f"from_logits inplace={inplace} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:(All-NaN slice|invalid value):RuntimeWarning")  # the interpreter's numpy on NaN
+def test_non_finite_inputs_and_overflowing_ratios(gen, backend):
+    """Issue 13 on the Triton backends (tiny shapes): NaN / inf head inputs raise naming the argument, found from
+    the kernels' O(N) outputs; a -inf bias bans a token; an overflowing ratio under the dual clip gives a finite
+    loss with finite gradients (the hand-computed case of test_grpo_loss.py)."""
+    import math
+
+    x = make_batch(gen, b=2, t=5, v=70)
+    h, w, b = (x[k].float() for k in ("h", "w", "bias"))
+    a = x["adv"].float()
+    for name, t in (("hidden", h), ("weight", w), ("bias", b)):
+        for value in (math.nan, math.inf):
+            bad = t.clone()
+            bad.view(-1)[7] = value
+            args = {"hidden": h, "weight": w, "bias": b, name: bad}
+            with pytest.raises(ValueError, match=f"^{name} .* NaN/inf"):
+                grpo_loss(args["hidden"], args["weight"], x["y"], a, bias=args["bias"], backend=backend)
+            with pytest.raises(ValueError, match=f"^{name} .* NaN/inf"):
+                linear_logprobs(args["hidden"], args["weight"], x["y"], bias=args["bias"], backend=backend)
+    z = (h @ w.t() + b).clone()
+    z[1, 2, 3] = math.nan
+    with pytest.raises(ValueError, match=r"^logits \[2, 5, 70\] contains 1 NaN/inf"):
+        grpo_loss_from_logits(z, x["y"], a, backend=backend)
+    banned = b.clone()
+    banned[60:] = -math.inf
+    out = grpo_loss(h.requires_grad_(), w, x["y"] % 60, a, bias=banned, entropy_coef=0.01, backend=backend)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all() and torch.isfinite(out.entropy).all()
+    logits = torch.zeros(1, 2, 2, requires_grad=True)  # p = 1/2; token 2's ratio e^149 is inf in fp32
+    old = torch.tensor([[-math.log(2), -150.0]])
+    y2 = torch.zeros(1, 2, dtype=torch.long)
+    out = grpo_loss_from_logits(logits, y2, torch.tensor([-1.0]), old_logp=old, dual_clip=3.0, backend=backend)
+    out.loss.backward()
+    assert math.isclose(out.loss.item(), 2.0, rel_tol=1e-6)  # (1 + 3) / 2
+    torch.testing.assert_close(logits.grad, torch.tensor([[[0.25, -0.25], [0.0, 0.0]]]))

@@ -1,11 +1,16 @@
 """The GRPO-family policy loss computed from hidden states, with its gradient fused into the log-prob pass.
 
+Shapes: ``B`` sequences, ``T`` padded length, ``D`` hidden size, ``V`` vocabulary, and ``N`` the loss tokens: the
+completion tokens the loss scores (the packed rows of ``hidden [N, D]``; the valid ones under ``mask``).
+
 Per token ``t`` of sequence ``i`` (TRL's definitions; ALGORITHMS.md section 0)::
 
     log_w  = logp - old_logp                                   (importance_level="token")
            = sum_{t in i} (logp - old_logp) / |o_i|            (importance_level="sequence", GSPO)
-    r      = exp(log_w)                  (old_logp=None: r == 1 with gradient d logp)
-    l      = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (r first clamped to <= delta when given)
+    r      = exp(log_w)                  (old_logp=None: r == 1 with gradient d logp; an overflow to inf has
+                                          gradient 0, so a finite l never has a NaN gradient)
+    l      = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (r first clamped to <= delta when given;
+                                                                 r A := 0 for A = 0, even for r = inf)
              dual_clip c (verl clip_ratio_c), A < 0:  l = min(l, -c A)
     cispo: l = -sg[min(r, eps_high)] A logp
     sapo:  l = -sigmoid(tau (r - 1)) 4 / tau A,   tau = tau_pos if A > 0 else tau_neg
@@ -31,9 +36,14 @@ Sequence-level ratios need every token of a sequence first, so they (and the ful
 ``linear_logprobs`` (forward) and an autograd backward over the same token terms (8·N·D·V FLOPs).
 
 Metrics (detached): ``logp`` and ``entropy`` per token in the input layout (0 on masked tokens), ``kl`` (token
-mean of the k3 estimate, when ``ref_logp`` is given; times ``r`` with ``kl_bias_correction``, as TRL logs it), ``clip_frac_low`` / ``clip_frac_high`` (token fraction with
-``r < 1 - eps_low and A < 0`` / ``r > 1 + eps_high and A > 0``; ``cispo``: ``r > eps_high and A > 0`` in
-``clip_frac_high``; with a blend, the local advantage decides), ``ratio_mean`` (token mean of ``r``).
+mean of the k3 estimate, when ``ref_logp`` is given; times ``r`` with ``kl_bias_correction``, as TRL logs it),
+``clip_frac_low`` / ``clip_frac_high`` (token fraction with ``r < 1 - eps_low and A < 0`` / ``r > 1 + eps_high and
+A > 0``; ``cispo``: ``r > eps_high and A > 0`` in ``clip_frac_high``; with a blend, the local advantage decides),
+``ratio_mean`` (token mean of ``r``).
+
+Bad input raises ``ValueError`` naming the argument: shapes, a non-positive ``chunk_size``, NaN / inf in
+``hidden``, ``weight``, ``bias`` or ``logits`` (found from the O(N) log-partition and entropy, not by scanning the
+``[N, D]`` inputs; ``-inf`` in ``bias`` / ``logits`` bans a token), NaN / inf advantages, log-probs above 0.
 """
 
 from __future__ import annotations

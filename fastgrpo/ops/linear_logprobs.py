@@ -180,12 +180,15 @@ def linear_logprobs(
         bias: optional ``[V]``.
         temperature: divides the logits (as TRL and verl sample).
         return_entropy: also return the per-token entropy of the distribution.
-        chunk_size: tokens per logits block (default: a block of ~64 MiB fp32).
+        chunk_size: tokens per logits block, a positive int (default: a block of ~64 MiB fp32).
         backend: ``auto``, ``torch``, ``cpp``, ``cuda``, ``triton`` or ``triton_chunked``.
 
     Returns:
         fp32 ``logp`` with the leading shape of ``targets`` (and fp32 ``entropy``). Differentiable in
         ``hidden``, ``weight`` and ``bias``.
+
+    Raises ``ValueError`` naming the argument for bad shapes or values, including NaN / inf in ``hidden``,
+    ``weight`` or ``bias`` (found from the O(N) log-partition and entropy; ``-inf`` in ``bias`` bans a token).
     """
     prepare_linear_inputs(hidden, weight, targets, bias, temperature)
     check_chunk_size(chunk_size)
