@@ -188,7 +188,7 @@ def test_grpo_loss_from_logits(gen, inplace):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.filterwarnings("ignore:(All-NaN slice|invalid value):RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.filterwarnings("ignore:(All-NaN slice|invalid value):RuntimeWarning")  # interpreter's numpy, NaN
 def test_non_finite_inputs_and_overflowing_ratios(gen, backend):
     """Issue 13 on the Triton backends (tiny shapes): NaN / inf head inputs raise naming the argument, found from
     the kernels' O(N) outputs; a -inf bias bans a token; an overflowing ratio under the dual clip gives a finite
@@ -219,7 +219,9 @@ def test_non_finite_inputs_and_overflowing_ratios(gen, backend):
     logits = torch.zeros(1, 2, 2, requires_grad=True)  # p = 1/2; token 2's ratio e^149 is inf in fp32
     old = torch.tensor([[-math.log(2), -150.0]])
     y2 = torch.zeros(1, 2, dtype=torch.long)
-    out = grpo_loss_from_logits(logits, y2, torch.tensor([-1.0]), old_logp=old, dual_clip=3.0, backend=backend)
+    out = grpo_loss_from_logits(
+        logits, y2, torch.tensor([-1.0]), old_logp=old, dual_clip=3.0, backend=backend
+    )
     out.loss.backward()
     assert math.isclose(out.loss.item(), 2.0, rel_tol=1e-6)  # (1 + 3) / 2
     torch.testing.assert_close(logits.grad, torch.tensor([[[0.25, -0.25], [0.0, 0.0]]]))
