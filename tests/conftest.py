@@ -42,7 +42,7 @@ class _CheckoutKernels(importlib.abc.MetaPathFinder):
 if "fastgrpo.kernels" not in sys.modules and (_CheckoutKernels.root / "__init__.py").is_file():
     sys.meta_path.insert(0, _CheckoutKernels())
 
-__all__ = ["ATOL", "assert_budget", "max_err", "padded_logprobs", "rand_ids"]
+__all__ = ["ATOL", "assert_budget", "loss_batch", "max_err", "padded_logprobs", "rand_ids"]
 
 
 def assert_budget(
@@ -62,6 +62,24 @@ def assert_budget(
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def loss_batch(gen: torch.Generator, b: int, t: int, d: int, v: int, mask_p: float = 0.3) -> dict:
+    """Random fp64 inputs of a padded GRPO loss: ``h [B, T, D]``, ``w [V, D]``, ``bias [V]``, ``y [B, T]``, a
+    ``mask`` with every row's first token valid, behaviour / reference log-probs near the current ones (so ratios
+    straddle the clip range) and per-sequence advantages ``adv [B]``."""
+    h = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.5
+    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.1
+    y = torch.randint(0, v, (b, t), generator=gen)
+    mask = (torch.rand(b, t, generator=gen) > mask_p).double()
+    mask[:, 0] = 1.0
+    with torch.no_grad():
+        lp = torch.log_softmax(h @ w.t() + bias, -1).gather(-1, y[..., None]).squeeze(-1)
+    old = lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    ref = lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    adv = torch.randn(b, generator=gen, dtype=torch.float64)
+    return dict(h=h, w=w, bias=bias, y=y, mask=mask, old=old, ref=ref, adv=adv)
 
 
 def rand_ids(gen: torch.Generator, vocab: int, lens: list[int]) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_budget
+from conftest import assert_budget, loss_batch
 
 import fastgrpo
 from fastgrpo import GRPOLoss, LossConfig, grpo_loss, grpo_loss_from_logits, grpo_loss_ref, linear_logprobs
@@ -64,20 +64,8 @@ def trl_loss(logits, y, mask, adv, *, old=None, ref=None, beta=0.0, loss_type="d
     return loss
 
 
-def make_batch(gen, b=4, t=9, d=16, v=101, dtype=torch.float64, logit_scale=1.0, mask_p=0.3):
-    h = torch.randn(b, t, d, generator=gen, dtype=torch.float64) * logit_scale
-    w = torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.5
-    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.1
-    y = torch.randint(0, v, (b, t), generator=gen)
-    mask = (torch.rand(b, t, generator=gen) > mask_p).double()
-    mask[:, 0] = 1.0
-    with torch.no_grad():
-        true_lp = torch.log_softmax(h @ w.t() + bias, -1).gather(-1, y[..., None]).squeeze(-1)
-    # behaviour / reference log-probs near the current ones, so ratios straddle the clip range
-    old = true_lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
-    ref = true_lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
-    adv = torch.randn(b, generator=gen, dtype=torch.float64)
-    return dict(h=h, w=w, bias=bias, y=y, mask=mask, old=old, ref=ref, adv=adv)
+def make_batch(gen, b=4, t=9, d=16, v=101, mask_p=0.3):
+    return loss_batch(gen, b, t, d, v, mask_p)
 
 
 def leaves(x, dtype, bias=True):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_budget
+from conftest import assert_budget, loss_batch
 
 if importlib.util.find_spec("triton") is None:  # not importorskip: importing triton here fixes its mode
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -34,18 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def make_batch(gen, b=4, t=9, d=48, v=130, mask_p=0.3):
-    h = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
-    w = torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.5
-    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.1
-    y = torch.randint(0, v, (b, t), generator=gen)
-    mask = (torch.rand(b, t, generator=gen) > mask_p).double()
-    mask[:, 0] = 1.0
-    with torch.no_grad():
-        lp = torch.log_softmax(h @ w.t() + bias, -1).gather(-1, y[..., None]).squeeze(-1)
-    old = lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)  # ratios straddle the clip range
-    ref = lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
-    adv = torch.randn(b, generator=gen, dtype=torch.float64)
-    return dict(h=h, w=w, bias=bias, y=y, mask=mask, old=old, ref=ref, adv=adv)
+    return loss_batch(gen, b, t, d, v, mask_p)
 
 
 def run_loss(fn, x, dtype, *, layout="padded", **kw):
