@@ -175,9 +175,8 @@ class LossConfig:
             v = getattr(self, name)
             if (v is None and optional) or (is_finite_real(v) and ok(v)):
                 return
-            raise ValueError(
-                f"{name} must be {'None or ' if optional else ''}a finite number {rule}, got {v!r}"
-            )
+            rule = f"{'None or ' if optional else ''}a finite number{' ' + rule if rule else ''}"
+            raise ValueError(f"{name} must be {rule}, got {v!r}")
 
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
