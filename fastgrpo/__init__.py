@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .losses import GRPOLoss
 from .ops import (
+    IMPORTANCE_LEVELS,
     LOSS_TYPES,
     GRPOLossOutput,
     LossConfig,
@@ -18,6 +19,7 @@ from .ops import (
 )
 
 __all__ = [
+    "IMPORTANCE_LEVELS",
     "LOSS_TYPES",
     "GRPOLoss",
     "GRPOLossOutput",

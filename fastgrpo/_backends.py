@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import warnings
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,34 @@ __all__ = [
     "load_bnb",
     "env_backend",
 ]
+
+
+class _KnownNoise(logging.Filter):
+    """Drops the log records of third-party packages that every run would print and that need no action."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.prefixes))
+
+
+# bitsandbytes (>= 0.49) logs this warning at import on CPUs with AVX512-BF16 unless the hub client `kernels`
+# is installed (it fetches a 4-bit CPU GEMM from the Hugging Face hub; fastgrpo never uses it): ENVIRONMENT.md.
+# The filter sits on that module's logger only and matches that one message; it must exist before bitsandbytes
+# is first imported (peft imports it), which importing fastgrpo ensures.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    _KnownNoise("Failed to load CPU gemm_4bit_forward from kernels-community")
+)
+# transformers 5 renamed `is_gradient_checkpointing`; peft (0.21) still reads the old name whenever it wraps a model
+# in LoRA, which every LoRA run would print once. This message from that module only.
+warnings.filterwarnings(
+    "ignore",
+    message="`is_gradient_checkpointing` is deprecated",
+    category=FutureWarning,
+    module=r"transformers\.modeling_utils",
+)
 
 
 class BackendUnavailable(RuntimeError):

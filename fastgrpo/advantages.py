@@ -1,10 +1,10 @@
 """Group-relative advantage estimators and the tensor pieces of the group-level reward schemes.
 
-Every function here works on a flat batch of ``B`` completions split into ``G`` groups (the completions of
-one prompt). Groups are described by an ``index`` tensor (int64 ``[B]``, values ``0..G-1``, any order) and
-``num_groups = G``; :func:`group_index` builds it from either a fixed ``group_size`` (consecutive blocks of
-``K`` completions, TRL / verl layout) or arbitrary ``group_ids`` (ragged groups, need not be sorted or
-contiguous).
+Every function here works on a flat batch of ``B`` completions split into ``P`` groups, the completions of one
+prompt each (STYLE.md's vocabulary: ``G`` completions per prompt, so ``B = P * G`` when groups are full). Groups
+are described by an ``index`` tensor (int64 ``[B]``, values ``0..P-1``, any order) and ``num_groups = P``;
+:func:`group_index` builds it from either a fixed ``group_size = G`` (consecutive blocks of ``G`` completions,
+TRL / verl layout) or arbitrary ``group_ids`` (ragged groups, need not be sorted or contiguous).
 
 Group statistics (:func:`group_stats`), for group ``g`` with ``n_g`` members::
 
@@ -46,7 +46,7 @@ The tensor pieces of the schemes whose group-level math a C++ op mirrors live he
 :func:`copo_global_advantages` (COPO). The string-level parts (answer extraction, canonicalisation) are in
 :mod:`fastgrpo.rewards`.
 
-Cost: a handful of ``index_add`` / ``scatter_reduce`` passes over ``B`` values; memory ``O(B + G)``.
+Cost: a handful of ``index_add`` / ``scatter_reduce`` passes over ``B`` values; memory ``O(B + P)``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ import math
 
 import torch
 from torch import Tensor
+
+from fastgrpo.ops._dispatch import ADVANTAGES, resolve_backend
+from fastgrpo.ops._validate import ESTIMATORS, SCALES, check_choice, compute_dtype
+from fastgrpo.ops._validate import shape as _shape  # the name fastgrpo.rewards and fastgrpo.sampling import
 
 __all__ = [
     "SCALES",
@@ -74,8 +78,6 @@ __all__ = [
     "copo_global_advantages",
 ]
 
-SCALES = ("group", "batch", "none")
-ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 COPO_GATINGS = (
     "soft-with-zero",
     "soft-with-forced",
@@ -89,14 +91,6 @@ COPO_GATINGS = (
 # ----------------------------------------------------------------------------------------------------------
 # validation helpers (shared with fastgrpo.rewards and fastgrpo.sampling)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _shape(t: Tensor) -> str:
-    return f"[{', '.join(str(s) for s in t.shape)}]"
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_tensor(name: str, t: object, *, ndim: int | tuple[int, ...] | None = None) -> Tensor:
@@ -113,7 +107,7 @@ def _check_real(name: str, t: Tensor) -> Tensor:
     """Reject complex tensors and NaN/inf; return ``t`` in its compute dtype (fp32 or fp64)."""
     if t.is_complex():
         raise ValueError(f"{name} must be real, got dtype {t.dtype} with shape {_shape(t)}")
-    x = t.to(_compute_dtype(t))
+    x = t.to(compute_dtype(t))
     if x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(
@@ -139,7 +133,7 @@ def group_index(
     *,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, int]:
-    """Dense group index of a batch: returns ``(index [B] int64 in 0..G-1, G)``.
+    """Dense group index of a batch: returns ``(index [B] int64 in 0..P-1, P)``.
 
     Exactly one of ``group_size`` (consecutive blocks of that many completions; ``B`` must be a multiple)
     and ``group_ids`` (int ``[B]``, any values, any order; groups are numbered by sorted id) must be given.
@@ -171,9 +165,9 @@ def group_index(
 
 
 def group_stats(values: Tensor, index: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, unbiased std and size of every group: ``(mean [G], std [G], count [G])``.
+    """Mean, unbiased std and size of every group: ``(mean [P], std [P], count [P])``.
 
-    ``values`` ``[B]`` floating (the result has its dtype), ``index`` int64 ``[B]`` in ``0..G-1`` with every
+    ``values`` ``[B]`` floating (the result has its dtype), ``index`` int64 ``[B]`` in ``0..P-1`` with every
     group non-empty. Shifted two-pass: pivot ``p_g = max_{i in g} x_i``, ``mean = p + sum(x - p)/n``,
     ``std = sqrt(sum((x - p) - (mean - p))^2 / max(n-1, 1))``: exact for all-equal groups, 0 for size 1.
     """
@@ -245,16 +239,17 @@ def group_advantages(
     """Group-relative advantages of a batch of scalar rewards, one value per completion.
 
     Args:
-        rewards: ``[B]`` (with ``group_size`` or ``group_ids``) or ``[G, K]`` (rows are groups; give
+        rewards: ``[B]`` (with ``group_size`` or ``group_ids``) or ``[P, G]`` (rows are groups; give
             neither). Float, int or bool; NaN/inf raise.
-        group_size: ``K``, completions per prompt, consecutive in ``rewards`` (``B % K == 0``).
+        group_size: ``G``, completions per prompt, consecutive in ``rewards`` (``B % G == 0``).
         group_ids: int ``[B]``, the group of each completion; ragged, unsorted, non-contiguous ids allowed.
         scale: ``"group"`` | ``"batch"`` | ``"none"`` (Dr. GRPO), see the module docstring.
         estimator: ``"grpo"`` | ``"rloo"`` | ``"reinforce_pp"``.
         eps: added to the std before dividing (TRL 1e-4; verl-based recipes 1e-6).
         backend: ``"torch"``, ``"cpp"`` / ``"cuda"`` (one launch of ``fastgrpo::group_advantages``) or
             ``"auto"``: the extension for CUDA tensors when it is built with CUDA (it saves ~30 launches),
-            torch otherwise (microseconds on CPU). An explicit backend that cannot run raises.
+            torch otherwise (microseconds on CPU); ``FASTGRPO_BACKEND`` overrides it. An explicit backend that
+            cannot run raises (the rules of ``fastgrpo.ops._dispatch``).
 
     Returns:
         Advantages with the shape of ``rewards``, fp64 for fp64 rewards, fp32 otherwise. Size-1 groups and
@@ -267,10 +262,8 @@ def group_advantages(
     _check_tensor("rewards", rewards, ndim=(1, 2))
     if rewards.numel() == 0:
         raise ValueError(f"empty batch: rewards has shape {_shape(rewards)}, need at least one element")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    check_choice("scale", scale, SCALES)
+    check_choice("estimator", estimator, ESTIMATORS)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     x = _check_real("rewards", rewards)
@@ -278,36 +271,27 @@ def group_advantages(
     if rewards.dim() == 2:
         if group_size is not None or group_ids is not None:
             raise ValueError(
-                f"rewards of shape {_shape(rewards)} is [G, K] and already grouped; pass neither group_size "
+                f"rewards of shape {_shape(rewards)} is [P, G] and already grouped; pass neither group_size "
                 "nor group_ids (or flatten it)"
             )
         group_size = int(shape[1])
         x = x.reshape(-1)
     index, num_groups = group_index(x.numel(), group_size, group_ids, device=x.device)
-    impl = _group_advantages_impl(backend, x.device)
+    impl = _group_advantages_impl(backend, x.device, x.dtype)
     out = impl(x, index, num_groups, scale=scale, estimator=estimator, eps=float(eps))
     return out.reshape(shape)
 
 
-def _group_advantages_impl(backend: str, device: torch.device):
-    from fastgrpo.ops._dispatch import check_backend
-
-    if backend == "auto":
-        backend = "torch"
-        if device.type == "cuda":
-            try:
-                check_backend("cuda", device)
-                backend = "cuda"
-            except (ImportError, RuntimeError):
-                pass
-    if backend == "torch":
+def _group_advantages_impl(backend: str, device: torch.device, dtype: torch.dtype):
+    """The implementation :func:`group_advantages` runs (the one dispatcher's rules, ``fastgrpo.ops._dispatch``)."""
+    if resolve_backend(backend, device, dtype, ADVANTAGES) == "torch":
         return group_advantages_ref
-    if backend not in ("cpp", "cuda"):
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'cpp', 'cuda'), got {backend!r}")
-    check_backend(backend, device)  # raises BackendUnavailable with the reason
     from fastgrpo.ops import _cpp
 
-    return _cpp.group_advantages_like_ref
+    def extension(rewards, index, num_groups, **kw):
+        return _cpp.group_advantages(rewards, index, num_groups, **kw).advantages
+
+    return extension
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,7 +308,7 @@ def care_eligible(acc: Tensor, index: Tensor, num_groups: int, *, acc_threshold:
 def care_group_confidence(
     confidence: Tensor, eligible: Tensor, index: Tensor, num_groups: int
 ) -> tuple[Tensor, Tensor]:
-    """Mean confidence over each group's eligible samples: ``(mu [G], has_eligible bool [G])``.
+    """Mean confidence over each group's eligible samples: ``(mu [P], has_eligible bool [P])``.
 
     ``mu_g = sum_{i in g} c_i E_i / sum_{i in g} E_i``; a group with no eligible sample has
     ``has_eligible = False`` and ``mu_g = 0`` (the official code gets NaN there and gives no bonus).
@@ -366,7 +350,7 @@ def care_bonus(
 def group_label_entropy(
     labels: Tensor, index: Tensor, num_groups: int, *, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Entropy in bits of the empirical label distribution of each group, ``[G]``.
+    """Entropy in bits of the empirical label distribution of each group, ``[P]``.
 
     ``labels`` int64 ``[B]``: equal labels within a group mean equal (canonicalised) answers; label values
     are only compared inside a group. ``H_g = -sum_a p_a log2 p_a``, in ``[0, log2 n_g]``.
@@ -421,17 +405,17 @@ def copo_global_reward(
     *,
     use_entropy_coef: bool = False,
 ) -> Tensor:
-    """COPO prompt-level reward ``R_g = mean_g r * c_g``, ``[G]``.
+    """COPO prompt-level reward ``R_g = mean_g r * c_g``, ``[P]``.
 
     ``c_g = 1`` unless ``use_entropy_coef`` (official ``reward_coef_flg``, off in the released script):
     then ``c_g = 1 - lambda_g H_g`` with ``lambda_g = (1 - 1/n_g) / log2 n_g`` (0 for ``n_g = 1``), so
-    ``c = 1`` for full agreement and ``1/n_g`` when all answers differ. ``entropy`` ``[G]`` in bits.
+    ``c = 1`` for full agreement and ``1/n_g`` when all answers differ. ``entropy`` ``[P]`` in bits.
     """
     mean, _, count = group_stats(rewards, index, num_groups)
     if not use_entropy_coef:
         return mean
     if entropy is None:
-        raise ValueError("use_entropy_coef=True needs the per-group answer entropy [G]")
+        raise ValueError("use_entropy_coef=True needs the per-group answer entropy [P]")
     lam = torch.where(count > 1, (1 - 1 / count) / torch.log2(count.clamp(min=2)), torch.zeros_like(count))
     return mean * (1 - lam * entropy.to(mean.dtype))
 
@@ -439,7 +423,7 @@ def copo_global_reward(
 def copo_global_advantages(global_reward: Tensor, *, eps: float = 1e-6) -> Tensor:
     """COPO global advantage, standardised over the prompts of the batch: ``(R_g - mean R)/(std_u R + eps)``.
 
-    ``global_reward`` ``[G]``; a single prompt (or all-equal ``R``) gets 0. Broadcast to the completions with
+    ``global_reward`` ``[P]``; a single prompt (or all-equal ``R``) gets 0. Broadcast to the completions with
     ``A_glob[index]``. Compute it on the full rollout batch, before splitting into mini-batches.
     """
     index = torch.zeros(global_reward.shape[0], dtype=torch.int64, device=global_reward.device)

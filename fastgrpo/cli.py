@@ -164,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         from .observability import plot_run, read_metrics, reward_summary
 
-        out = plot_run(args.run_dir, args.out)
-        s = reward_summary(read_metrics(args.run_dir))
+        try:
+            rows = read_metrics(args.run_dir)
+            out = plot_run(args.run_dir, args.out, rows=rows)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            _echo(f"fastgrpo plot: error: {e}", err=True)
+            return 2
+        s = reward_summary(rows)
         _echo(f"plot: {out}")
         _echo(
             f"reward: first {s['window']} steps {s['first']:.3f} -> last {s['window']} steps {s['last']:.3f}"

@@ -127,13 +127,29 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` (a run directory or the file itself)."""
+    """Rows of a ``metrics.jsonl`` (a run directory or the file itself).
+
+    A torn last line (a run killed while writing it) is skipped with a warning; an unreadable line before the
+    last is an error naming the file and line number."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == last:
+                logger.warning("%s: skipped the torn last line %d (an interrupted write): %s", path, i + 1, e)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
+    return rows
 
 
 def reward_summary(rows: list[dict[str, Any]], window: int = 10, key: str = "reward") -> dict[str, float]:
@@ -146,15 +162,22 @@ def reward_summary(rows: list[dict[str, Any]], window: int = 10, key: str = "rew
     return {"first": first, "last": last, "gain": last - first, "window": w}
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Plot reward, KL, entropy, clip fraction and response length over steps into a PNG; return its path."""
-    import matplotlib
+def plot_run(
+    run_dir: str | Path, out: str | Path | None = None, rows: list[dict[str, Any]] | None = None
+) -> Path:
+    """Plot reward, KL, entropy, clip fraction and response length over steps into a PNG; return its path.
+
+    ``rows``: the run's metrics when already read (:func:`read_metrics`)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir) if rows is None else rows
     out = Path(out) if out is not None else run_dir / "plot.png"
     fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4 * len(PLOT_KEYS), 3.2))
     for ax, (key, title) in zip(axes, PLOT_KEYS):

@@ -109,7 +109,8 @@ def _fused_linear_grad_kernel(
     if HAS_CENT:
         ent = tl.load(Ent + offs_n, mask=mask_n, other=0.0)
         c_ent = tl.load(CEnt + offs_n, mask=mask_n, other=0.0)
-        g = -p * (c_logp[:, None] + c_ent[:, None] * (z + ent[:, None]))
+        # a banned token (x = -inf: p = 0, z = -inf) contributes 0, not 0 * inf = NaN, as in logits_epilogue
+        g = -p * (c_logp[:, None] + c_ent[:, None] * (tl.where(p > 0.0, z, 0.0) + ent[:, None]))
     else:
         g = -p * c_logp[:, None]
     g += tl.where(offs_v[None, :] == y[:, None], c_logp[:, None], 0.0)

@@ -246,10 +246,10 @@ def test_property_matches_naive(data):
 
 
 def test_group_index_and_stats():
-    idx, G = group_index(6, group_size=3)
-    assert G == 2 and idx.tolist() == [0, 0, 0, 1, 1, 1]
-    idx, G = group_index(4, group_ids=torch.tensor([5, -1, 5, 9]))
-    assert G == 3 and idx.tolist() == [1, 0, 1, 2]  # numbered by sorted id
+    idx, P = group_index(6, group_size=3)
+    assert P == 2 and idx.tolist() == [0, 0, 0, 1, 1, 1]
+    idx, P = group_index(4, group_ids=torch.tensor([5, -1, 5, 9]))
+    assert P == 3 and idx.tolist() == [1, 0, 1, 2]  # numbered by sorted id
     mean, std, count = group_stats(torch.tensor([1.0, 2.0, 4.0, 3.0]), torch.tensor([0, 0, 0, 1]), 2)
     # group 0: mean 7/3; deviations -4/3, -1/3, 5/3; sum sq 42/9; /2 -> std sqrt(7/3) = 1.5275252; group 1: size 1
     torch.testing.assert_close(mean, torch.tensor([7 / 3, 3.0]))
@@ -325,3 +325,34 @@ def test_backend_dispatch_matches_torch_and_never_falls_back():
         group_advantages(r, group_ids=gid, backend="cuda")  # CPU tensors
     with pytest.raises(ValueError, match="backend"):
         group_advantages(r, group_ids=gid, backend="triton")
+
+
+def test_one_dispatcher_for_the_advantages(monkeypatch):
+    """The log-prob ops' dispatch rules: FASTGRPO_BACKEND overrides auto (it used to be ignored here) when the op
+    has that backend, and raises when that backend cannot run; auto takes a backend that supports the dtype."""
+    from fastgrpo import _backends
+    from fastgrpo._backends import BackendUnavailable
+
+    if not _backends.HAS_CUDA_EXT:
+        pytest.skip("fastgrpo._C is not built")
+    from fastgrpo.ops import _cpp
+
+    r = torch.tensor([1.0, 0.0, 2.0, 2.0, 5.0, 1.0, 0.5, 0.5])
+    ref = group_advantages(r, 2, backend="torch")
+    calls, real = [], _cpp.group_advantages
+    monkeypatch.setattr(_cpp, "group_advantages", lambda *a, **k: calls.append(a) or real(*a, **k))
+    torch.testing.assert_close(group_advantages(r, 2), ref)  # auto on CPU: torch (microseconds)
+    assert not calls
+    monkeypatch.setenv("FASTGRPO_BACKEND", "cpp")
+    torch.testing.assert_close(group_advantages(r, 2), ref)
+    torch.testing.assert_close(group_advantages(r.double(), 2), ref.double())  # the extension takes fp64
+    assert len(calls) == 2
+    monkeypatch.setenv("FASTGRPO_BACKEND", "triton")  # no Triton backend for the advantages: auto's choice
+    torch.testing.assert_close(group_advantages(r, 2), ref)
+    assert len(calls) == 2
+    monkeypatch.setenv("FASTGRPO_BACKEND", "cuda")  # forced, and it cannot run on CPU tensors: the reason
+    with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+        group_advantages(r, 2)
+    monkeypatch.setenv("FASTGRPO_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="FASTGRPO_BACKEND must be one of"):
+        group_advantages(r, 2)

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_budget
+from conftest import assert_budget, loss_batch
 
 if importlib.util.find_spec("triton") is None:  # not importorskip: importing triton here fixes its mode
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -34,18 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def make_batch(gen, b=4, t=9, d=48, v=130, mask_p=0.3):
-    h = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
-    w = torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.5
-    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.1
-    y = torch.randint(0, v, (b, t), generator=gen)
-    mask = (torch.rand(b, t, generator=gen) > mask_p).double()
-    mask[:, 0] = 1.0
-    with torch.no_grad():
-        lp = torch.log_softmax(h @ w.t() + bias, -1).gather(-1, y[..., None]).squeeze(-1)
-    old = lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)  # ratios straddle the clip range
-    ref = lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
-    adv = torch.randn(b, generator=gen, dtype=torch.float64)
-    return dict(h=h, w=w, bias=bias, y=y, mask=mask, old=old, ref=ref, adv=adv)
+    return loss_batch(gen, b, t, d, v, mask_p)
 
 
 def run_loss(fn, x, dtype, *, layout="padded", **kw):
@@ -74,6 +63,7 @@ def check(out, gt, lo, dtype, what):
 
 def test_auto_never_picks_triton_on_cpu(monkeypatch):
     assert not {"triton", "triton_chunked"} & set(fastgrpo.available_backends("cpu"))
+    fastgrpo._backends.load_triton()  # its first import fixes its mode: the interpreter's, before unsetting it
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not {"triton", "triton_chunked"} & set(fastgrpo.available_backends("cpu"))
     h, w, y = torch.randn(3, 16), torch.randn(20, 16), torch.randint(0, 20, (3,))
@@ -184,3 +174,43 @@ def test_grpo_loss_from_logits(gen, inplace):
     out, res = run(torch.float32, backend="triton")
     for name, o, g, r in zip(("loss", "d_logits"), res, gt, lo):
         assert_budget(o, g, r, torch.float32, f"from_logits inplace={inplace} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:(All-NaN slice|invalid value):RuntimeWarning")  # interpreter's numpy, NaN
+def test_non_finite_inputs_and_overflowing_ratios(gen, backend):
+    """Issue 13 on the Triton backends (tiny shapes): NaN / inf head inputs raise naming the argument, found from
+    the kernels' O(N) outputs; a -inf bias bans a token; an overflowing ratio under the dual clip gives a finite
+    loss with finite gradients (the hand-computed case of test_grpo_loss.py)."""
+    import math
+
+    x = make_batch(gen, b=2, t=5, v=70)
+    h, w, b = (x[k].float() for k in ("h", "w", "bias"))
+    a = x["adv"].float()
+    for name, t in (("hidden", h), ("weight", w), ("bias", b)):
+        for value in (math.nan, math.inf):
+            bad = t.clone()
+            bad.view(-1)[7] = value
+            args = {"hidden": h, "weight": w, "bias": b, name: bad}
+            with pytest.raises(ValueError, match=f"^{name} .* NaN/inf"):
+                grpo_loss(args["hidden"], args["weight"], x["y"], a, bias=args["bias"], backend=backend)
+            with pytest.raises(ValueError, match=f"^{name} .* NaN/inf"):
+                linear_logprobs(args["hidden"], args["weight"], x["y"], bias=args["bias"], backend=backend)
+    z = (h @ w.t() + b).clone()
+    z[1, 2, 3] = math.nan
+    with pytest.raises(ValueError, match=r"^logits \[2, 5, 70\] contains 1 NaN/inf"):
+        grpo_loss_from_logits(z, x["y"], a, backend=backend)
+    banned = b.clone()
+    banned[60:] = -math.inf
+    out = grpo_loss(h.requires_grad_(), w, x["y"] % 60, a, bias=banned, entropy_coef=0.01, backend=backend)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(h.grad).all() and torch.isfinite(out.entropy).all()
+    logits = torch.zeros(1, 2, 2, requires_grad=True)  # p = 1/2; token 2's ratio e^149 is inf in fp32
+    old = torch.tensor([[-math.log(2), -150.0]])
+    y2 = torch.zeros(1, 2, dtype=torch.long)
+    out = grpo_loss_from_logits(
+        logits, y2, torch.tensor([-1.0]), old_logp=old, dual_clip=3.0, backend=backend
+    )
+    out.loss.backward()
+    assert math.isclose(out.loss.item(), 2.0, rel_tol=1e-6)  # (1 + 3) / 2
+    torch.testing.assert_close(logits.grad, torch.tensor([[[0.25, -0.25], [0.0, 0.0]]]))

@@ -201,6 +201,7 @@ CASES = {
     ),
     "cispo": ({"loss_type": "cispo", "epsilon_high": 1.2}, {}),
     "sapo": ({"loss_type": "sapo"}, {}),
+    "sapo_temperatures": ({"loss_type": "sapo"}, {"sapo_temperature_pos": 0.6, "sapo_temperature_neg": 1.7}),
     # dapo's normaliser under accumulation: num_items / processes * accumulation steps / steps_per_generation
     "dapo_accumulation": (
         {"loss_type": "dapo", "current_gradient_accumulation_steps": 2},
@@ -246,6 +247,27 @@ def test_options_match_trl(env, case):
         inputs["num_items_in_batch"] = inputs["num_items_in_batch"] * 5
     with _Attrs(trainer, t_attrs, a_attrs):
         _compare(trainer, inputs)
+
+
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [("grpo", {"beta": 0.04}), ("dapo", {"entropy_coef": 0.05, "_entropy_bonus_enabled": True}),
+     ("bnpo", {}), ("dr_grpo", {}), ("cispo", {"epsilon_high": 1.2}), ("sapo", {"beta": 0.04})],
+    ids=["grpo-kl", "dapo-entropy", "bnpo", "dr_grpo", "cispo", "sapo-kl"],
+)  # fmt: skip
+def test_all_masked_micro_batch_matches_trl(env, loss_type, extra):
+    """mask_truncated_completions=True can mask every completion of a micro-batch: TRL returns loss 0 with zero
+    gradients and logs its metrics (zeros, NaN for the per-sequence clip extremes); the drop-in used to raise."""
+    trainer, inputs = env
+    inputs = dict(inputs, completion_mask=torch.zeros_like(inputs["completion_mask"]))
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    with _Attrs(
+        trainer, {"loss_type": loss_type, "beta": 0.0, "current_gradient_accumulation_steps": 2, **extra}
+    ):
+        _, (loss, grads, metrics) = _compare(trainer, inputs)
+    assert loss.item() == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
+    assert "lm_head.weight" in grads or "model.embed_tokens.weight" in grads  # connected to the head as well
+    assert metrics["train"]["entropy"] == [0.0]
 
 
 def test_eval_mode_tool_mask_and_token_advantages(env):

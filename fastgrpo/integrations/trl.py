@@ -14,7 +14,7 @@ gradients (to fp32 rounding), same logged metrics. Two ways to use it::
     trainer = patch_trainer(GRPOTrainer(...), backend="auto")
 
 What is honoured, read from the trainer at every call (so changing ``trainer.beta`` etc. takes effect):
-``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` with TRL's default temperatures),
+``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` with its two temperatures),
 ``beta`` (k3 KL against ``ref_per_token_logps``) with ``use_bias_correction_kl`` (the KL term times the
 importance ratio, TRL 1.16's default), ``epsilon`` / ``epsilon_high``, ``delta``,
 ``importance_sampling_level`` (GSPO), ``temperature`` (and a model's ``logit_scale``), ``max_completion_length``,
@@ -23,12 +23,13 @@ steps_per_generation`` in training), the gradient-accumulation divisor of the ot
 vLLM's importance-sampling correction (folded into per-token advantages: the weight is positive and TRL applies
 it before adding the KL), a static ``entropy_coef``, ``cast_lm_head_to_fp32`` and autocast. The metrics TRL logs
 (``kl``, ``entropy``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``policy_loss``) are computed from the detached
-per-token log-probs and entropies the op returns, with TRL's reductions.
+per-token log-probs and entropies the op returns, with TRL's reductions. A micro-batch whose completions are all
+masked (``mask_truncated_completions=True``) gives TRL's loss 0 with zero gradients, and TRL's metrics.
 
 Not supported (a ``NotImplementedError`` says so at patch time and at every call, never a silent fallback):
 ``loss_type`` ``luspo`` / ``vespo``; ``top_entropy_quantile < 1``; ``off_policy_mask_threshold``;
 the adaptive entropy controller; MoE router auxiliary losses; final-logit soft-capping
-(Gemma 2/3); sapo temperatures other than (1.0, 1.05); DeepSpeed ZeRO-3 and FSDP-sharded LM heads;
+(Gemma 2/3); DeepSpeed ZeRO-3 and FSDP-sharded LM heads;
 vision-language models (the backbone must be ``model.base_model`` of a causal LM).
 """
 
@@ -41,12 +42,11 @@ from typing import Any
 
 import torch
 
-from fastgrpo.ops.grpo_loss import grpo_loss
+from fastgrpo.ops.grpo_loss import LOSS_TYPES, GRPOLossOutput, LossConfig, grpo_loss
 
 __all__ = ["FastGRPOTrainer", "patch_trainer", "fastgrpo_compute_loss", "check_supported"]  # noqa: F822 (lazy)
 
 _HIDDEN_KW = "fastgrpo_hidden_states"
-_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 _CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -122,17 +122,14 @@ def _logit_scale(config) -> float:
 
 def check_supported(trainer) -> None:
     """Raise ``NotImplementedError`` naming the first TRL option the drop-in cannot reproduce exactly."""
-    args = trainer.args
 
     def no(what: str) -> None:
         raise NotImplementedError(
             f"fastgrpo's TRL drop-in does not support {what}; use trl.GRPOTrainer as is"
         )
 
-    if trainer.loss_type not in _LOSS_TYPES:
-        no(f"loss_type={trainer.loss_type!r} (supported: {', '.join(_LOSS_TYPES)})")
-    if trainer.loss_type == "sapo" and (args.sapo_temperature_pos, args.sapo_temperature_neg) != (1.0, 1.05):
-        no("sapo temperatures other than (1.0, 1.05)")
+    if trainer.loss_type not in LOSS_TYPES:
+        no(f"loss_type={trainer.loss_type!r} (supported: {', '.join(LOSS_TYPES)})")
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
         no("top_entropy_quantile < 1 (the entropy mask needs the entropies before the loss pass)")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
@@ -222,35 +219,56 @@ def fastgrpo_compute_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any
 
     old = inputs.get("old_per_token_logps")
     ref = inputs["ref_per_token_logps"] if beta != 0.0 else None
-    temperature = trainer.temperature / _logit_scale(lm.config)
-    autocast_off = torch.autocast(dev_type, enabled=False) if autocast_dtype is not None else nullcontext()
-    with autocast_off:
-        res = grpo_loss(
-            hidden,
-            weight,
-            completion_ids,
-            loss_adv,
-            mask=mask,
-            old_logp=old,
-            ref_logp=ref,
-            beta=beta,
-            kl_bias_correction=_bias_corrected_kl(args),
-            loss_type=loss_type,
-            importance_level=trainer.importance_sampling_level,
-            eps_low=trainer.epsilon_low,
-            eps_high=trainer.epsilon_high,
-            delta=args.delta,
-            temperature=temperature,
-            entropy_coef=op_entropy_coef,
-            max_completion_length=trainer.max_completion_length,
-            num_items_in_batch=num_items,
-            bias=bias,
-            chunk_size=opts.get("chunk_size"),
-            backend=opts.get("backend", "auto"),
+    config = LossConfig(
+        loss_type=loss_type,
+        importance_level=trainer.importance_sampling_level,
+        eps_low=trainer.epsilon_low,
+        eps_high=trainer.epsilon_high,
+        delta=args.delta,
+        beta=beta,
+        entropy_coef=op_entropy_coef,
+        kl_bias_correction=_bias_corrected_kl(args),
+        sapo_tau_pos=args.sapo_temperature_pos,
+        sapo_tau_neg=args.sapo_temperature_neg,
+        chunk_size=opts.get("chunk_size"),
+        backend=opts.get("backend", "auto"),
+    )
+    if not bool(mask.any()):
+        res = _all_masked(hidden, weight, bias, mask, old)
+    else:
+        autocast_off = (
+            torch.autocast(dev_type, enabled=False) if autocast_dtype is not None else nullcontext()
         )
+        with autocast_off:
+            res = grpo_loss(
+                hidden,
+                weight,
+                completion_ids,
+                loss_adv,
+                mask=mask,
+                old_logp=old,
+                ref_logp=ref,
+                temperature=trainer.temperature / _logit_scale(lm.config),
+                max_completion_length=trainer.max_completion_length,
+                num_items_in_batch=num_items,
+                bias=bias,
+                config=config,
+            )
     loss = res.loss / divisor
     _log_metrics(trainer, mode, res, inputs, mask, per_token_adv, old, ref, op_entropy_coef, loss_type)
     return loss
+
+
+def _all_masked(hidden, weight, bias, mask, old) -> GRPOLossOutput:
+    """TRL's result for a micro-batch without a valid token (``mask_truncated_completions`` can mask them all):
+    loss 0 connected to the backbone and the LM head (zero gradients, so every parameter still takes part in
+    DDP's reduction), and per-token values whose masked reductions give TRL's metrics (the log-probs equal to
+    ``old`` make the ratio 1, so no ``0 * inf`` enters the masked sums)."""
+    zero = hidden.sum() * 0.0 + weight.sum() * 0.0 + (0.0 if bias is None else bias.sum() * 0.0)
+    zeros = torch.zeros(mask.shape, device=hidden.device)
+    scalar = zeros.new_zeros(())
+    logp = zeros if old is None else old.detach().float()
+    return GRPOLossOutput(zero.float(), logp, zeros, scalar, scalar, scalar, scalar.new_ones(()))
 
 
 def _bias_corrected_kl(args) -> bool:

@@ -8,8 +8,8 @@ registers the fake (meta) implementations that let ``torch.compile`` trace the o
   ``fastgrpo/ops/epilogue.py``); one set of ops serves both names and dispatches on the block's device,
   ``cuda`` additionally requires the CUDA kernels to be compiled in.
 - :func:`group_advantages` — group statistics, the three estimators and scales, the GRPO-CARE bonus and COPO's
-  global advantage / blend weight in one call; :func:`group_advantages_like_ref` has the signature of
-  ``fastgrpo.advantages.group_advantages_ref`` for a drop-in backend.
+  global advantage / blend weight in one call (``fastgrpo.advantages.group_advantages``'s ``cpp`` / ``cuda``
+  backends).
 
 Op schemas (``csrc/bindings.cpp``)::
 
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fastgrpo._backends import BackendUnavailable, load_ext
+from fastgrpo.ops._validate import ESTIMATORS, SCALES, check_choice, compute_dtype
 from fastgrpo.ops.epilogue import Epilogue
 
 __all__ = [
@@ -41,14 +42,10 @@ __all__ = [
     "build_info",
     "get_epilogue",
     "group_advantages",
-    "group_advantages_like_ref",
     "lse_logp_entropy",
     "logits_grad_",
     "set_cpu_kernel",
 ]
-
-_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
-_SCALES = ("group", "batch", "none")
 
 
 @functools.cache
@@ -57,6 +54,13 @@ def _ext() -> ModuleType:
     mod = load_ext()
     _register_fakes()
     return mod
+
+
+def _loaded() -> None:
+    # Under torch.compile the ops were loaded when the epilogue was built, before tracing: dynamo would trace
+    # through the cache of `_ext` (and warn about it) for nothing.
+    if not torch.compiler.is_compiling():
+        _ext()
 
 
 def _register_fakes() -> None:
@@ -127,7 +131,7 @@ def set_cpu_kernel(name: str) -> None:
 
 def lse_logp_entropy(z: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(lse, logp, entropy)`` fp32 ``[C]`` of the ``[C, V]`` block ``z`` (fp32/bf16/fp16, contiguous)."""
-    _ext()
+    _loaded()
     return torch.ops.fastgrpo.lse_logp_entropy.default(z, targets, float(inv_temp))
 
 
@@ -141,7 +145,7 @@ def logits_grad_(
     inv_temp: float,
 ) -> Tensor:
     """Overwrite ``z`` with ``dL/dz`` (see ``fastgrpo.ops.epilogue``) and return it."""
-    _ext()
+    _loaded()
     torch.ops.fastgrpo.logits_grad_.default(z, targets, lse, entropy, c_logp, c_ent, float(inv_temp))
     return z
 
@@ -171,14 +175,10 @@ class GroupAdvantages(NamedTuple):
 
     advantages: Tensor  # [B]
     bonus: Tensor  # [B] GRPO-CARE bonus (already added to the rewards the advantages use); [0] without CARE
-    mean: Tensor  # [G] group mean of the (bonus-augmented) rewards
-    std: Tensor  # [G] unbiased group std (0 for size-1 groups)
-    global_advantages: Tensor  # [G] COPO global advantage; [0] without COPO
-    blend_weight: Tensor  # [G] COPO sigmoid(k (H - b)), weight of the local loss; [0] without COPO
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    mean: Tensor  # [P] group mean of the (bonus-augmented) rewards
+    std: Tensor  # [P] unbiased group std (0 for size-1 groups)
+    global_advantages: Tensor  # [P] COPO global advantage; [0] without COPO
+    blend_weight: Tensor  # [P] COPO sigmoid(k (H - b)), weight of the local loss; [0] without COPO
 
 
 def group_advantages(
@@ -202,12 +202,12 @@ def group_advantages(
 ) -> GroupAdvantages:
     """Group-relative advantages and the CARE / COPO group terms in one extension call (CPU or CUDA).
 
-    Semantics of ``fastgrpo.advantages`` (the spec): ``rewards [B]``, ``index`` int64 ``[B]`` in ``0..G-1`` with
-    every group non-empty (``group_index``), ``num_groups = G``.
+    Semantics of ``fastgrpo.advantages`` (the spec): ``rewards [B]``, ``index`` int64 ``[B]`` in ``0..P-1`` with
+    every group non-empty (``group_index``), ``num_groups = P`` (the number of prompts).
 
     - With ``care_acc`` and ``care_confidence`` (``[B]``): ``bonus = care_bonus(acc, confidence, ...)`` and the
       advantages are those of ``rewards + bonus`` (pass ``rewards = acc + fmt`` for GRPO-CARE's ``R``).
-    - With ``copo_entropy`` (``[G]``, answer entropy in bits): ``global_advantages =
+    - With ``copo_entropy`` (``[P]``, answer entropy in bits): ``global_advantages =
       copo_global_advantages(copo_global_reward(rewards', ..., use_entropy_coef=copo_entropy_coef), eps=copo_eps)``
       and ``blend_weight = copo_blend_weight(entropy, k=copo_k, b=copo_b)``, ``rewards'`` the rewards used above.
 
@@ -215,13 +215,11 @@ def group_advantages(
     CUDA op does not synchronise to check (validate first, as ``fastgrpo.advantages.group_advantages`` does).
     """
     _ext()
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("scale", scale, SCALES)
     if (care_acc is None) != (care_confidence is None):
         raise ValueError("give both care_acc and care_confidence (GRPO-CARE) or neither")
-    dtype = _compute_dtype(rewards)
+    dtype = compute_dtype(rewards)
     r = rewards.to(dtype)
     acc = None if care_acc is None else care_acc.to(device=r.device, dtype=dtype)
     conf = None if care_confidence is None else care_confidence.to(device=r.device, dtype=dtype)
@@ -249,19 +247,6 @@ def group_advantages(
         bool(copo_entropy_coef),
     )
     return GroupAdvantages(*out)
-
-
-def group_advantages_like_ref(
-    rewards: Tensor,
-    index: Tensor,
-    num_groups: int,
-    *,
-    scale: str = "group",
-    estimator: str = "grpo",
-    eps: float = 1e-4,
-) -> Tensor:
-    """Drop-in for ``fastgrpo.advantages.group_advantages_ref`` (same arguments, same result) on the extension."""
-    return group_advantages(rewards, index, num_groups, scale=scale, estimator=estimator, eps=eps).advantages
 
 
 _register_if_built()

@@ -34,6 +34,7 @@ from torch import Tensor
 from fastgrpo import _backends
 from fastgrpo._backends import BackendUnavailable
 
+from ._validate import shape
 from .epilogue import Epilogue
 
 __all__ = [
@@ -184,24 +185,20 @@ def _check_device(device: torch.device) -> None:
         check_available(device)
 
 
-def _shape(t: Tensor | None) -> str:
-    return "None" if t is None else str(tuple(t.shape))
-
-
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or hidden.shape[1] == 0:
         raise ValueError(
-            f"expected hidden [N, D] and weight [V, D] with D > 0, got hidden {_shape(hidden)}, weight {_shape(weight)}"
+            f"expected hidden [N, D] and weight [V, D] with D > 0, got hidden {shape(hidden)}, weight {shape(weight)}"
         )
     if hidden.dtype not in _HALF_OR_FLOAT or weight.dtype != hidden.dtype:
         raise ValueError(
             f"hidden and weight must share one dtype among fp32/bf16/fp16, got {hidden.dtype} and {weight.dtype}"
         )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {_shape(bias)}")
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {shape(bias)}")
     if targets.shape != hidden.shape[:1] or targets.is_floating_point():
         raise ValueError(
-            f"targets must be an integer tensor [N] = [{hidden.shape[0]}], got {_shape(targets)} {targets.dtype}"
+            f"targets must be an integer tensor [N] = [{hidden.shape[0]}], got {shape(targets)} {targets.dtype}"
         )
     devs = {t.device for t in (hidden, weight, bias, targets) if t is not None}
     if len(devs) != 1:
@@ -214,7 +211,7 @@ def _check_vec(name: str, t: Tensor | None, n: int, dev: torch.device) -> Tensor
     if t is None:
         return None
     if t.shape != (n,):
-        raise ValueError(f"{name} must be [N] = [{n}], got {_shape(t)}")
+        raise ValueError(f"{name} must be [N] = [{n}], got {shape(t)}")
     if t.device != dev:
         raise ValueError(f"{name} is on {t.device}, the inputs on {dev}")
     return t.to(torch.float32).contiguous()
@@ -269,7 +266,6 @@ def _fused_linear_grad_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-    filter_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     k = _kernels()
     dev = hidden.device
@@ -281,7 +277,7 @@ def _fused_linear_grad_op(
     with _device_ctx(dev):
         d_h, d_w, d_b = k.fused_linear_grad_triton(
             hidden, weight, bias, targets, lse, entropy, c_logp, c_ent, inv_temp, needs, cfg,
-            interpret=_backends.triton_interpret(), dw_slab_bytes=slab, filter_eps=filter_eps,
+            interpret=_backends.triton_interpret(), dw_slab_bytes=slab,
         )  # fmt: skip
     empty = hidden.new_empty(0)
     return (
@@ -305,7 +301,6 @@ def _(
     need_hidden,
     need_weight,
     need_bias,
-    filter_eps,
 ):
     return (
         torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
@@ -386,15 +381,12 @@ def fused_linear_grad(
     c_ent: Tensor | None,
     inv_temp: float,
     needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
-    *,
-    grad_filter_eps: float = 0.0,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Fused gradient: ``(d_hidden, d_weight, d_bias)`` for ``dL/dlogp = c_logp`` and ``dL/dentropy = c_ent``.
 
     ``lse``, ``entropy``: the forward's fp32 ``[N]``; ``c_logp``, ``c_ent`` (None = no entropy term): ``[N]``.
     Gradients are accumulated in fp32 and returned in the dtype of ``hidden`` / ``weight`` / ``bias``; ``None``
-    where ``needs_input_grad`` is False (and ``d_bias`` when ``bias`` is None). ``grad_filter_eps > 0`` skips
-    ``[BLOCK_N, BLOCK_V]`` tiles whose ``|dL/dlogits|`` are all at most that value (approximate; off by default).
+    where ``needs_input_grad`` is False (and ``d_bias`` when ``bias`` is None).
     Accumulation uses fp32 atomics: results vary at fp32 rounding level between runs.
     """
     _check_head(hidden, weight, bias, targets)
@@ -410,19 +402,19 @@ def fused_linear_grad(
         return None, None, None
     d_h, d_w, d_b = _fused_linear_grad_op(
         _rows(hidden), _rows(weight), None if bias is None else bias.contiguous(), targets.long().contiguous(),
-        lse, entropy, c_logp, c_ent, float(inv_temp), need_h, need_w, need_b, float(grad_filter_eps),
+        lse, entropy, c_logp, c_ent, float(inv_temp), need_h, need_w, need_b,
     )  # fmt: skip
     return _none_if_empty(d_h, need_h), _none_if_empty(d_w, need_w), _none_if_empty(d_b, need_b)
 
 
 def _check_logits(logits: Tensor, targets: Tensor) -> None:
     if logits.dim() != 2 or logits.shape[1] == 0:
-        raise ValueError(f"logits must be [C, V] with V > 0, got {_shape(logits)}")
+        raise ValueError(f"logits must be [C, V] with V > 0, got {shape(logits)}")
     if logits.dtype not in _HALF_OR_FLOAT:
         raise ValueError(f"logits must be fp32/bf16/fp16, got {logits.dtype}")
     if targets.shape != logits.shape[:1] or targets.is_floating_point():
         raise ValueError(
-            f"targets must be an integer tensor [C] = [{logits.shape[0]}], got {_shape(targets)} {targets.dtype}"
+            f"targets must be an integer tensor [C] = [{logits.shape[0]}], got {shape(targets)} {targets.dtype}"
         )
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device}, logits on {logits.device}")
@@ -461,7 +453,7 @@ def logits_grad(
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     elif out.shape != logits.shape or out.device != dev or out.dtype not in _HALF_OR_FLOAT:
         raise ValueError(
-            f"out must be a float tensor of logits' shape {_shape(logits)} on {dev}, got {_shape(out)} {out.dtype}"
+            f"out must be a float tensor of logits' shape {shape(logits)} on {dev}, got {shape(out)} {out.dtype}"
         )
     elif out.stride(-1) != 1 and out.shape[-1] != 1:
         raise ValueError(f"out must have a unit column stride, got strides {out.stride()}")

@@ -28,6 +28,8 @@ Contract (all backends):
 - Outputs and coefficients are fp32 ``[C]``; ``logits_grad_`` writes the gradient in ``Z``'s dtype and
   returns ``Z``.
 - Stable for ``|x|`` up to ~1e4 (max-subtracted exponentials, fp32 accumulation).
+- ``-inf`` logits (banned tokens, e.g. a ``-inf`` bias) have probability 0: they add 0 to the entropy and get
+  gradient 0, never ``0 * inf = NaN``. A NaN logit makes its row's ``lse`` NaN.
 """
 
 from __future__ import annotations
@@ -40,12 +42,16 @@ from torch import Tensor
 
 __all__ = ["Epilogue", "EPILOGUES", "get_epilogue", "torch_lse_logp_entropy", "torch_logits_grad_"]
 
+# Floor of ``x - E_p x`` in the gradient: times any coefficient below ~1e8 it stays finite in fp32.
+_FLOOR = -1e30
+
 
 def torch_lse_logp_entropy(z: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor, Tensor, Tensor]:
     """Reference epilogue forward in plain torch.
 
     ``entropy = -sum_v p_v (x_v - lse)``: every term has one sign, so there is no cancellation between two
-    numbers near ``|x| ~ 1e4`` (``lse - E_p[x]`` loses ~1e-3 there in fp32)."""
+    numbers near ``|x| ~ 1e4`` (``lse - E_p[x]`` loses ~1e-3 there in fp32). ``nansum``: the ``0 * -inf``
+    terms of banned tokens count 0 (as fast as ``sum``; a NaN input still shows in ``lse``)."""
     x = z if z.dtype == torch.float32 else z.float()
     if inv_temp != 1.0:
         x = x * inv_temp
@@ -53,7 +59,7 @@ def torch_lse_logp_entropy(z: Tensor, targets: Tensor, inv_temp: float) -> tuple
     ls = x - lse[:, None]
     logp = ls.gather(1, targets[:, None]).squeeze(1)
     p = torch.exp(ls)
-    entropy = -(p * ls if ls.requires_grad else p.mul_(ls)).sum(-1)  # in place unless differentiated
+    entropy = -(p * ls if ls.requires_grad else p.mul_(ls)).nansum(-1)  # in place unless differentiated
     return lse, logp, entropy
 
 
@@ -69,14 +75,15 @@ def torch_logits_grad_(
     """Reference epilogue gradient in plain torch; overwrites ``z`` with ``dL/dz`` and returns it.
 
     ``g = -p (c_logp + c_ent (x - E_p x)) + c_logp 1[v = y]``, built in place in the (engine-owned) block with
-    one temporary (``p``)."""
+    one temporary (``p``). ``x - E_p x`` is floored at ``_FLOOR`` so that a banned token (``x = -inf``, ``p = 0``)
+    gets ``0 * finite = 0``, not NaN; no finite logit comes near it."""
     x = z if z.dtype == torch.float32 else z.float()
     if inv_temp != 1.0:
         x = x.mul_(inv_temp)  # x is the engine-owned block or our own fp32 copy
     p = torch.softmax(x, dim=-1)
     if c_ent is not None:
         ex = lse - entropy
-        x.sub_(ex[:, None]).mul_(c_ent[:, None]).add_(c_logp[:, None])
+        x.sub_(ex[:, None]).clamp_(min=_FLOOR).mul_(c_ent[:, None]).add_(c_logp[:, None])
         g = torch.mul(p, x, out=x).neg_()
     else:
         g = p.mul_(-c_logp[:, None])
@@ -106,7 +113,7 @@ def get_epilogue(name: str) -> Epilogue:
     """The epilogue of backend ``name``; optional backends are imported on first use.
 
     ``cpp`` / ``cuda`` live in ``fastgrpo.ops._cpp`` (``EPILOGUE``, wrapping ``torch.ops.fastgrpo``), the Triton
-    one in ``fastgrpo.ops._triton`` (``CHUNKED_EPILOGUE``). Each raises ``BackendUnavailable`` when it cannot run.
+    one in ``fastgrpo.ops._triton`` (``get_chunked_epilogue``). Each raises ``BackendUnavailable`` when it cannot run.
     """
     if name not in EPILOGUES:
         if name in ("cpp", "cuda"):

@@ -1,11 +1,16 @@
 """The GRPO-family policy loss computed from hidden states, with its gradient fused into the log-prob pass.
 
+Shapes: ``B`` sequences, ``T`` padded length, ``D`` hidden size, ``V`` vocabulary, and ``N`` the loss tokens: the
+completion tokens the loss scores (the packed rows of ``hidden [N, D]``; the valid ones under ``mask``).
+
 Per token ``t`` of sequence ``i`` (TRL's definitions; ALGORITHMS.md section 0)::
 
     log_w  = logp - old_logp                                   (importance_level="token")
            = sum_{t in i} (logp - old_logp) / |o_i|            (importance_level="sequence", GSPO)
-    r      = exp(log_w)                  (old_logp=None: r == 1 with gradient d logp)
-    l      = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (r first clamped to <= delta when given)
+    r      = exp(log_w)                  (old_logp=None: r == 1 with gradient d logp; an overflow to inf has
+                                          gradient 0, so a finite l never has a NaN gradient)
+    l      = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (r first clamped to <= delta when given;
+                                                                 r A := 0 for A = 0, even for r = inf)
              dual_clip c (verl clip_ratio_c), A < 0:  l = min(l, -c A)
     cispo: l = -sg[min(r, eps_high)] A logp
     sapo:  l = -sigmoid(tau (r - 1)) 4 / tau A,   tau = tau_pos if A > 0 else tau_neg
@@ -31,37 +36,56 @@ Sequence-level ratios need every token of a sequence first, so they (and the ful
 ``linear_logprobs`` (forward) and an autograd backward over the same token terms (8·N·D·V FLOPs).
 
 Metrics (detached): ``logp`` and ``entropy`` per token in the input layout (0 on masked tokens), ``kl`` (token
-mean of the k3 estimate, when ``ref_logp`` is given; times ``r`` with ``kl_bias_correction``, as TRL logs it), ``clip_frac_low`` / ``clip_frac_high`` (token fraction with
-``r < 1 - eps_low and A < 0`` / ``r > 1 + eps_high and A > 0``; ``cispo``: ``r > eps_high and A > 0`` in
-``clip_frac_high``; with a blend, the local advantage decides), ``ratio_mean`` (token mean of ``r``).
+mean of the k3 estimate, when ``ref_logp`` is given; times ``r`` with ``kl_bias_correction``, as TRL logs it),
+``clip_frac_low`` / ``clip_frac_high`` (token fraction with ``r < 1 - eps_low and A < 0`` / ``r > 1 + eps_high and
+A > 0``; ``cispo``: ``r > eps_high and A > 0`` in ``clip_frac_high``; with a blend, the local advantage decides),
+``ratio_mean`` (token mean of ``r``).
+
+Bad input raises ``ValueError`` naming the argument: shapes, a non-positive ``chunk_size``, NaN / inf in
+``hidden``, ``weight``, ``bias`` or ``logits`` (found from the O(N) log-partition and entropy, not by scanning the
+``[N, D]`` inputs; ``-inf`` in ``bias`` / ``logits`` bans a token), NaN / inf advantages, log-probs above 0.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ._dispatch import resolve_backend
+from ._dispatch import BACKENDS, resolve_backend
 from ._engine import chunked_pass, default_chunk_size
-from ._validate import check_finite, check_float, check_targets, shape
+from ._validate import (
+    check_choice,
+    check_chunk_size,
+    check_finite,
+    check_float,
+    check_head_outputs,
+    check_logprobs,
+    check_targets,
+    is_finite_real,
+    shape,
+)
 from .epilogue import get_epilogue
 from .linear_logprobs import prepare_linear_inputs, run_linear_logprobs
 
 __all__ = [
+    "IMPORTANCE_LEVELS",
     "LOSS_TYPES",
     "GRPOLossOutput",
     "LossConfig",
+    "accumulation_weight",
     "grpo_loss",
     "grpo_loss_from_logits",
     "grpo_loss_ref",
 ]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-IMPORTANCE_LEVELS = ("token", "sequence")
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+ImportanceLevel = Literal["token", "sequence"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+IMPORTANCE_LEVELS: tuple[str, ...] = get_args(ImportanceLevel)
 
 
 @dataclass
@@ -79,17 +103,38 @@ class GRPOLossOutput:
 
 @dataclass(frozen=True)
 class LossConfig:
-    loss_type: str = "dapo"
-    importance_level: str = "token"
+    """Every hyper-parameter of the GRPO-family loss (the module docstring has the math); one object that
+    :func:`grpo_loss`, :func:`grpo_loss_from_logits`, :class:`fastgrpo.GRPOLoss` and the trainer's ``loss:``
+    config section share. Per-call data (mask, ``cu_seqlens``, old / reference log-probs, temperature,
+    ``max_completion_length``, ``num_items_in_batch``, ``blend``, ``bias``) are not part of it.
+    :meth:`validate` checks every field; its messages start with the field's name."""
+
+    loss_type: LossType = "dapo"
+    """Aggregation and surrogate: grpo, bnpo, dr_grpo, dapo (token mean over ``num_items_in_batch``), cispo, sapo."""
+    importance_level: ImportanceLevel = "token"
+    """``token``: per-token ratios; ``sequence``: one ratio per sequence, the mean log-ratio (GSPO)."""
     eps_low: float = 0.2
+    """Lower clip: the ratio is clipped below at ``1 - eps_low``; >= 0."""
     eps_high: float | None = None
+    """Upper clip ``1 + eps_high`` (None: ``eps_low``; clip-higher when larger); cispo's ratio cap itself; >= 0."""
     delta: float | None = None
+    """Two-sided clip: the unclipped ratio is clamped to at most ``delta`` (> 1), None for off."""
     dual_clip: float | None = None
+    """verl's ``clip_ratio_c`` (> 1, e.g. 3): for A < 0 the token loss is at most ``-dual_clip * A``."""
     beta: float = 0.0
+    """Weight of the k3 KL to the reference (>= 0; > 0 needs ``ref_logp``)."""
     entropy_coef: float = 0.0
+    """Entropy bonus: the loss minus ``entropy_coef`` times the token-mean entropy."""
     kl_bias_correction: bool = False
+    """The KL term times the importance ratio (TRL's ``use_bias_correction_kl``)."""
     sapo_tau_pos: float = 1.0
+    """SAPO's gate temperature for A > 0 (> 0; TRL's ``sapo_temperature_pos``)."""
     sapo_tau_neg: float = 1.05
+    """SAPO's gate temperature for A <= 0 (> 0; TRL's ``sapo_temperature_neg``)."""
+    chunk_size: int | None = None
+    """Tokens per logits block (a positive int; None: a ~64 MiB fp32 block)."""
+    backend: str = "auto"
+    """``auto`` or one of ``fastgrpo.ops._dispatch.BACKENDS`` (torch, cpp, cuda, triton, triton_chunked)."""
 
     @property
     def eps_hi(self) -> float:
@@ -97,29 +142,85 @@ class LossConfig:
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> LossConfig:
-        """The validated config of an entry point's arguments (its ``locals()``): every field found there, the
-        defaults for the rest. One place maps the public keyword arguments onto the config."""
-        cfg = cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args})
-        cfg.validate()
-        return cfg
+        """The validated config of an entry point's arguments (its ``locals()``): ``args["config"]`` when it is
+        given — a field keyword with a non-default value beside it is an error naming the field — else the
+        fields found in ``args`` (defaults for the rest). One place maps the public keywords onto the config."""
+        config = args.get("config")
+        given = {f.name: args[f.name] for f in fields(cls) if f.name in args}
+        if config is None:
+            config = cls(**given)
+        elif not isinstance(config, cls):
+            raise ValueError(f"config must be a fastgrpo.LossConfig, got {type(config).__name__}")
+        else:
+            for f in fields(cls):
+                if f.name in given and given[f.name] != f.default:
+                    raise ValueError(
+                        f"{f.name}={given[f.name]!r} is given beside config=LossConfig(...): set it in the config"
+                    )
+        config.validate()
+        return config
+
+    @classmethod
+    def from_fields(cls, config: LossConfig | None = None, **values: Any) -> LossConfig:
+        """:meth:`from_args` for callers that take the fields as ``**values``: an unknown name is a TypeError."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}: not fields of LossConfig")
+        return cls.from_args({**values, "config": config})
 
     def validate(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.importance_level not in IMPORTANCE_LEVELS:
-            raise ValueError(
-                f"importance_level must be one of {IMPORTANCE_LEVELS}, got {self.importance_level!r}"
-            )
-        for name in ("eps_low", "eps_high", "delta", "dual_clip", "beta", "entropy_coef"):
+        """Raise ``ValueError`` for the first invalid field; the message starts with the field's name."""
+
+        def number(name: str, ok, rule: str, optional: bool = False) -> None:
             v = getattr(self, name)
-            if v is not None and not math.isfinite(v):
-                raise ValueError(f"{name} must be finite, got {v}")
-        if self.eps_low < 0 or self.eps_hi < 0:
-            raise ValueError(f"eps_low ({self.eps_low}) and eps_high ({self.eps_high}) must be >= 0")
-        if self.delta is not None and self.delta <= 1:
-            raise ValueError(f"delta must be > 1 (an upper clamp on the ratio), got {self.delta}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (verl clip_ratio_c, e.g. 3.0), got {self.dual_clip}")
+            if (v is None and optional) or (is_finite_real(v) and ok(v)):
+                return
+            rule = f"{'None or ' if optional else ''}a finite number{' ' + rule if rule else ''}"
+            raise ValueError(f"{name} must be {rule}, got {v!r}")
+
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
+        number("eps_low", lambda v: v >= 0, ">= 0")
+        number("eps_high", lambda v: v >= 0, ">= 0", optional=True)
+        number("delta", lambda v: v > 1, "> 1 (an upper clamp on the ratio)", optional=True)
+        number("dual_clip", lambda v: v > 1, "> 1 (verl clip_ratio_c, e.g. 3.0)", optional=True)
+        number("beta", lambda v: v >= 0, ">= 0")
+        number("entropy_coef", lambda v: True, "")
+        if not isinstance(self.kl_bias_correction, bool):
+            raise ValueError(f"kl_bias_correction must be a bool, got {self.kl_bias_correction!r}")
+        number("sapo_tau_pos", lambda v: v > 0, "> 0")
+        number("sapo_tau_neg", lambda v: v > 0, "> 0")
+        check_chunk_size(self.chunk_size)
+        check_choice("backend", self.backend, ("auto",) + BACKENDS)
+
+
+def accumulation_weight(
+    loss_type: str, *, num_seqs: int, total_seqs: int, num_tokens: int, local_tokens: int, world_size: int
+) -> float:
+    """The weight of one micro-batch's loss under gradient accumulation and data parallelism.
+
+    A rank splits its share of the global batch (``total_seqs`` sequences over ``world_size`` ranks) into
+    micro-batches; micro-batch ``k`` holds ``num_seqs`` sequences and ``num_tokens`` loss tokens, the rank
+    ``local_tokens`` in all. Its :func:`grpo_loss` ``L_k`` is weighted by ``w_k``, the weighted gradients are
+    summed over the rank's micro-batches, and DDP averages the ranks' sums: ``(1/W) sum_r sum_k w_k grad L_k``.
+    ``w_k`` makes that the gradient of the loss of the whole batch, each loss type's normaliser (module
+    docstring) undone per micro-batch and applied once globally (``S_k``: the micro-batch's sum of its
+    per-sequence terms (grpo, sapo: token means; dr_grpo: token sums / max_completion_length) or of its token
+    terms (bnpo, dapo, cispo)):
+
+    - dapo, cispo: ``L_k = S_k / num_items_in_batch`` with the *global* token count already, so the sum over all
+      micro-batches of all ranks is the loss; ``w_k = W`` undoes DDP's mean.
+    - bnpo: the token mean over *this rank's* batch (TRL's definition, so the whole-batch loss is the mean over
+      ranks of each rank's token mean): ``L_k = S_k / num_tokens``, ``w_k = num_tokens / local_tokens``.
+    - grpo, sapo, dr_grpo: a mean over the global sequences, ``L = sum S_k / total_seqs``; ``L_k = S_k /
+      num_seqs``, so ``w_k = num_seqs / total_seqs * W``.
+    """
+    if loss_type in ("dapo", "cispo"):
+        return float(world_size)
+    if loss_type == "bnpo":
+        return num_tokens / max(local_tokens, 1)
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    return num_seqs / total_seqs * world_size  # grpo, sapo, dr_grpo
 
 
 @dataclass
@@ -166,6 +267,17 @@ def _log_importance(logp: Tensor, tb: TokenBatch, cfg: LossConfig) -> Tensor:
     return per_seq[tb.seq_id]
 
 
+def _ratio(log_w: Tensor) -> Tensor:
+    """``exp(log_w)``, whose gradient is 0 where it overflows to inf (not ``0 * inf = NaN``).
+
+    A log-ratio beyond the dtype's range (88.7 in fp32) gives ``r = inf``: the token's loss is then inf, or a
+    constant where a clip branch is selected (A > 0, or the dual clip for A < 0). The constant branch's
+    gradient must be 0, but autograd's ``d exp = exp * grad`` would give ``inf * 0``."""
+    with torch.no_grad():
+        over = torch.isinf(torch.exp(log_w))
+    return torch.where(over, math.inf, torch.exp(torch.where(over, 0.0, log_w)))
+
+
 def _surrogate(logp: Tensor, ratio: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
     lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_hi
     if cfg.loss_type == "cispo":
@@ -175,7 +287,8 @@ def _surrogate(logp: Tensor, ratio: Tensor, adv: Tensor, cfg: LossConfig) -> Ten
         return -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
     clipped = torch.clamp(ratio, lo, hi)
     r1 = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)
-    loss = -torch.min(r1 * adv, clipped * adv)
+    # r1 = inf (an overflowing ratio) times A = 0 is 0, the limit, not NaN
+    loss = -torch.min(torch.where(adv == 0, 0.0, r1 * adv), clipped * adv)
     if cfg.dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -cfg.dual_clip * adv), loss)
     return loss
@@ -183,7 +296,7 @@ def _surrogate(logp: Tensor, ratio: Tensor, adv: Tensor, cfg: LossConfig) -> Ten
 
 def token_terms(logp: Tensor, tb: TokenBatch, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-token loss ``l [n]`` (policy surrogate + beta * k3 KL), the ratio ``r [n]`` and the KL ``[n]``."""
-    ratio = torch.exp(_log_importance(logp, tb, cfg))
+    ratio = _ratio(_log_importance(logp, tb, cfg))
     if tb.blend is None:
         loss = _surrogate(logp, ratio, tb.adv, cfg)
     else:
@@ -246,9 +359,7 @@ def _per_token(name: str, x, lay: _Layout, per_seq_ok: bool, dev, dtype=torch.fl
         x = torch.as_tensor(x, device=dev, dtype=torch.float64)
     if x.device != dev:
         raise ValueError(f"{name} is on {x.device}, expected {dev}")
-    if per_seq_ok and x.dim() == 1 and x.shape[0] == lay.num_seqs and tuple(x.shape) != lay.lead_shape:
-        full = x[lay.seq_id_full]
-    elif tuple(x.shape) == lay.lead_shape:
+    if tuple(x.shape) == lay.lead_shape:  # per token (also when N == B: a packed [N] is per token)
         full = x.reshape(-1)
     elif per_seq_ok and x.dim() == 1 and x.shape[0] == lay.num_seqs:
         full = x[lay.seq_id_full]
@@ -302,21 +413,34 @@ def _layout(lead: tuple[int, ...], mask, cu_seqlens, dev) -> tuple[_Layout, Tens
     return _Layout(valid, lead, seq_id_full, b, max_len), seq_len
 
 
-def _token_batch(
-    lay: _Layout,
-    seq_len: Tensor,
-    advantages,
-    blend,
-    old_logp,
-    ref_logp,
-    cfg: LossConfig,
-    max_completion_length,
-    num_items_in_batch,
-    dev,
-    dtype=torch.float32,
-) -> TokenBatch:
+def _token_weight(lay: _Layout, seq_len: Tensor, seq_id: Tensor, cfg: LossConfig, max_completion_length,
+                  num_items_in_batch) -> Tensor:  # fmt: skip
+    """fp64 ``[n]`` aggregation weight of each valid token's loss (the module docstring's normalisers; how
+    micro-batches combine: :func:`accumulation_weight`)."""
+    n, b, dev = seq_id.numel(), lay.num_seqs, seq_id.device
+    if cfg.loss_type in ("grpo", "sapo"):
+        return 1.0 / (seq_len.double().clamp(min=1.0)[seq_id] * b)
+    if cfg.loss_type == "bnpo":
+        return torch.full((n,), 1.0 / n, device=dev, dtype=torch.float64)
+    if cfg.loss_type == "dr_grpo":
+        length = max_completion_length if max_completion_length is not None else lay.max_len
+        if length is None:
+            raise ValueError("loss_type='dr_grpo' with the packed layout needs max_completion_length")
+        if length <= 0:
+            raise ValueError(f"max_completion_length must be > 0, got {length}")
+        return torch.full((n,), 1.0 / (b * length), device=dev, dtype=torch.float64)
+    items = n if num_items_in_batch is None else float(num_items_in_batch)  # dapo, cispo
+    if not items > 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    return torch.full((n,), 1.0 / items, device=dev, dtype=torch.float64)
+
+
+def _prepare(lead, dev, cfg: LossConfig, advantages, mask, cu_seqlens, blend, old_logp, ref_logp,
+             max_completion_length, num_items_in_batch, dtype=torch.float32) -> tuple[_Layout, TokenBatch]:  # fmt: skip
+    """The layout of the valid tokens and their :class:`TokenBatch`, from a public function's per-call
+    arguments."""
+    lay, seq_len = _layout(lead, mask, cu_seqlens, dev)
     seq_id = lay.seq_id_full if lay.valid_idx is None else lay.seq_id_full[lay.valid_idx]
-    n = seq_id.numel()
     if blend is not None:
         if not (isinstance(advantages, (tuple, list)) and len(advantages) == 2):
             raise ValueError("with blend (COPO), advantages must be a pair (A_global, A_local)")
@@ -331,41 +455,26 @@ def _token_batch(
         adv, adv_local, w = _per_token("advantages", advantages, lay, True, dev, dtype), None, None
     old = _per_token("old_logp", old_logp, lay, False, dev, dtype)
     ref = _per_token("ref_logp", ref_logp, lay, False, dev, dtype)
+    check_logprobs("old_logp (on valid tokens)", old)
+    check_logprobs("ref_logp (on valid tokens)", ref)
     if cfg.beta != 0.0 and ref is None:
         raise ValueError(
             f"beta={cfg.beta} needs ref_logp (per-token reference log-probs {list(lay.lead_shape)})"
         )
-
-    b = lay.num_seqs
-    lt = cfg.loss_type
-    if lt in ("grpo", "sapo"):
-        weight = 1.0 / (seq_len.double().clamp(min=1.0)[seq_id] * b)
-    elif lt == "bnpo":
-        weight = torch.full((n,), 1.0 / max(n, 1), device=dev, dtype=torch.float64)
-    elif lt == "dr_grpo":
-        length = max_completion_length if max_completion_length is not None else lay.max_len
-        if length is None:
-            raise ValueError("loss_type='dr_grpo' with the packed layout needs max_completion_length")
-        if length <= 0:
-            raise ValueError(f"max_completion_length must be > 0, got {length}")
-        weight = torch.full((n,), 1.0 / (b * length), device=dev, dtype=torch.float64)
-    else:  # dapo, cispo
-        items = n if num_items_in_batch is None else float(num_items_in_batch)
-        if not items > 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
-        weight = torch.full((n,), 1.0 / items, device=dev, dtype=torch.float64)
-    return TokenBatch(
+    weight = _token_weight(lay, seq_len, seq_id, cfg, max_completion_length, num_items_in_batch)
+    tb = TokenBatch(
         seq_id=seq_id,
         seq_len=seq_len,
-        num_seqs=b,
+        num_seqs=lay.num_seqs,
         adv=adv,
         adv_local=adv_local,
         blend=w,
         old_logp=old,
         ref_logp=ref,
         weight=weight.to(dtype),
-        ent_weight=cfg.entropy_coef / max(n, 1),
+        ent_weight=cfg.entropy_coef / seq_id.numel(),
     )
+    return lay, tb
 
 
 def _scatter_back(x: Tensor, lay: _Layout) -> Tensor:
@@ -426,6 +535,7 @@ class FusedLinearGRPOLossFunction(torch.autograd.Function):
             coef_fn=coef_fn,
             needs_grad=needs,
         )
+        check_head_outputs(res.lse, res.logp, res.entropy, {"hidden": hidden, "weight": weight, "bias": bias})
         if not any(needs):  # no gradient wanted: the value still has to be computed
             total = aggregate(res.logp, res.entropy, tb, cfg).double()
         ctx.save_for_backward(res.d_hidden, res.d_weight, res.d_bias)
@@ -449,20 +559,23 @@ def grpo_loss(
     cu_seqlens: Tensor | None = None,
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
-    beta: float = 0.0,
-    kl_bias_correction: bool = False,
-    loss_type: str = "dapo",
-    importance_level: str = "token",
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    delta: float | None = None,
-    dual_clip: float | None = None,
     temperature: float = 1.0,
-    entropy_coef: float = 0.0,
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     blend: Tensor | None = None,
     bias: Tensor | None = None,
+    config: LossConfig | None = None,
+    loss_type: LossType = "dapo",
+    importance_level: ImportanceLevel = "token",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    entropy_coef: float = 0.0,
+    kl_bias_correction: bool = False,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
@@ -474,29 +587,21 @@ def grpo_loss(
     ``targets`` are already shifted (``targets[t]`` is scored from ``hidden[t]``); masked positions may hold
     any id (e.g. -100). ``advantages``: per sequence ``[B]`` or per token (the leading shape); with ``blend``
     (COPO) a pair ``(A_global, A_local)`` and ``blend`` the per-sequence (or per-token) weight of the local loss.
-    ``old_logp`` / ``ref_logp``: per-token log-probs of the behaviour / reference policy (``old_logp=None``:
-    on-policy, ratio 1 with the gradient of logp). ``kl_bias_correction``: the KL term times the importance
-    ratio (TRL's ``use_bias_correction_kl``). ``num_items_in_batch``: the ``dapo``/``cispo`` normaliser
-    (the global token count under gradient accumulation / data parallelism). See the module docstring for the
-    math of every option. Returns a :class:`GRPOLossOutput`.
+    ``old_logp`` / ``ref_logp``: per-token log-probs (<= 0) of the behaviour / reference policy
+    (``old_logp=None``: on-policy, ratio 1 with the gradient of logp). ``num_items_in_batch``: the
+    ``dapo``/``cispo`` normaliser (the global token count under gradient accumulation / data parallelism; how
+    micro-batches then combine: :func:`accumulation_weight`).
+
+    The hyper-parameters are :class:`LossConfig`'s fields: pass ``config=LossConfig(...)``, or the fields as
+    keywords (not both: a field keyword with a non-default value beside ``config`` raises). See the module
+    docstring for the math of every option. NaN / inf in ``hidden``, ``weight`` or ``bias`` (``-inf`` in
+    ``bias`` bans a token) raise, naming the argument. Returns a :class:`GRPOLossOutput`.
     """
     cfg = LossConfig.from_args(locals())
     prepare_linear_inputs(hidden, weight, targets, bias, temperature)
     dev = hidden.device
-    lead = tuple(targets.shape)
-    lay, seq_len = _layout(lead, mask, cu_seqlens, dev)
-    tb = _token_batch(
-        lay,
-        seq_len,
-        advantages,
-        blend,
-        old_logp,
-        ref_logp,
-        cfg,
-        max_completion_length,
-        num_items_in_batch,
-        dev,
-    )
+    lay, tb = _prepare(tuple(targets.shape), dev, cfg, advantages, mask, cu_seqlens, blend, old_logp, ref_logp,
+                       max_completion_length, num_items_in_batch)  # fmt: skip
 
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
@@ -506,8 +611,8 @@ def grpo_loss(
     check_targets(y, weight.shape[0])
     y = y.long().contiguous()
 
-    name = resolve_backend(backend, dev)
-    chunk = chunk_size or default_chunk_size(h.shape[0], weight.shape[0])
+    name = resolve_backend(cfg.backend, dev, h.dtype)
+    chunk = cfg.chunk_size or default_chunk_size(h.shape[0], weight.shape[0])
     if cfg.importance_level == "token" and name != "triton":
         grad_on = torch.is_grad_enabled()
         needs = (
@@ -519,7 +624,7 @@ def grpo_loss(
             h.contiguous(), weight.contiguous(), bias, y, tb, cfg, 1.0 / temperature, chunk, name, needs
         )
     else:
-        logp, entropy = run_linear_logprobs(h, weight, bias, y, temperature, chunk, name)
+        logp, entropy = run_linear_logprobs(h, weight, bias, y, temperature, cfg.chunk_size, name)
         loss = aggregate(logp, entropy, tb, cfg)
     return _output(loss, logp, entropy, tb, cfg, lay)
 
@@ -543,10 +648,11 @@ class LogitsLogprobsFunction(torch.autograd.Function):
             lse[s:e], logp[s:e], entropy[s:e] = ep.lse_logp_entropy(logits[s:e], targets[s:e], inv_temp)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.cfg = (inv_temp, chunk, backend, inplace)
-        return logp, entropy
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, _g_lse):
         logits, targets, lse, entropy = ctx.saved_tensors
         inv_temp, chunk, backend, inplace = ctx.cfg
         ep = get_epilogue(backend)
@@ -578,27 +684,31 @@ def grpo_loss_from_logits(
     cu_seqlens: Tensor | None = None,
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
-    beta: float = 0.0,
-    kl_bias_correction: bool = False,
-    loss_type: str = "dapo",
-    importance_level: str = "token",
+    temperature: float = 1.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    blend: Tensor | None = None,
+    inplace: bool = False,
+    config: LossConfig | None = None,
+    loss_type: LossType = "dapo",
+    importance_level: ImportanceLevel = "token",
     eps_low: float = 0.2,
     eps_high: float | None = None,
     delta: float | None = None,
     dual_clip: float | None = None,
-    temperature: float = 1.0,
+    beta: float = 0.0,
     entropy_coef: float = 0.0,
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | Tensor | None = None,
-    blend: Tensor | None = None,
+    kl_bias_correction: bool = False,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
     chunk_size: int | None = None,
-    inplace: bool = False,
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """:func:`grpo_loss` for callers who already hold ``logits [B, T, V]`` (padded) or ``[N, V]`` (packed).
 
     Reads the logits once in the forward; the backward writes ``dL/dlogits`` into a new buffer, or into
-    ``logits`` itself when ``inplace=True`` (the caller's logits are then destroyed by the backward).
+    ``logits`` itself when ``inplace=True`` (the caller's logits are then destroyed by the backward). NaN / inf
+    logits raise (``-inf`` bans a token); every row is checked, masked ones included (their gradient is 0).
     """
     cfg = LossConfig.from_args(locals())
     check_float("logits", logits)
@@ -607,37 +717,29 @@ def grpo_loss_from_logits(
             f"logits must be [B, T, V] or [N, V] with targets of its leading shape; "
             f"got logits {shape(logits)}, targets {shape(targets)}"
         )
+    if logits.numel() == 0:
+        raise ValueError(f"logits {shape(logits)} is empty")
     if not (temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dev = logits.device
-    lead = tuple(targets.shape)
-    lay, seq_len = _layout(lead, mask, cu_seqlens, dev)
-    tb = _token_batch(
-        lay,
-        seq_len,
-        advantages,
-        blend,
-        old_logp,
-        ref_logp,
-        cfg,
-        max_completion_length,
-        num_items_in_batch,
-        dev,
-    )
+    lay, tb = _prepare(tuple(targets.shape), dev, cfg, advantages, mask, cu_seqlens, blend, old_logp, ref_logp,
+                       max_completion_length, num_items_in_batch)  # fmt: skip
     v = logits.shape[-1]
     flat = logits.reshape(-1, v)
     y = targets.reshape(-1).long()
-    valid = None if lay.valid_idx is None else lay.valid_idx
+    valid = lay.valid_idx
     check_targets(y if valid is None else y[valid], v)
     if valid is not None:  # rows of masked tokens are computed (no copy of the logits) but get zero gradient
         y = torch.where(torch.zeros_like(y, dtype=torch.bool).index_fill_(0, valid, True), y, 0)
-    name = resolve_backend(backend, dev)
+    name = resolve_backend(cfg.backend, dev, flat.dtype)
     if name == "triton":
         name = "triton_chunked"  # the logits already exist: the fused backend is the epilogue itself
-    chunk = chunk_size or default_chunk_size(flat.shape[0], v)
-    logp_all, ent_all = LogitsLogprobsFunction.apply(
+    chunk = cfg.chunk_size or default_chunk_size(flat.shape[0], v)
+    logp_all, ent_all, lse = LogitsLogprobsFunction.apply(
         flat, y.contiguous(), 1.0 / temperature, chunk, name, inplace
     )
+    # every row, masked ones included: their (zero-coefficient) gradient still flows back to the caller
+    check_head_outputs(lse, logp_all, ent_all, {"logits": logits})
     logp = logp_all if valid is None else logp_all[valid]
     entropy = ent_all if valid is None else ent_all[valid]
     loss = aggregate(logp, entropy, tb, cfg)
@@ -675,28 +777,16 @@ def grpo_loss_from_logits_ref(
     blend=None,
     max_completion_length=None,
     num_items_in_batch=None,
-    **cfg_kwargs,
+    config: LossConfig | None = None,
+    **fields,
 ) -> GRPOLossOutput:
-    cfg = LossConfig(**cfg_kwargs)
-    cfg.validate()
+    """The spec of :func:`grpo_loss_from_logits` (``log_softmax`` + ``gather`` in the logits' dtype)."""
+    cfg = LossConfig.from_fields(config, **fields)
     dev = logits.device
-    lead = tuple(targets.shape)
-    lay, seq_len = _layout(lead, mask, cu_seqlens, dev)
     z = logits.reshape(-1, logits.shape[-1])
     z = (z.float() if z.dtype in (torch.bfloat16, torch.float16) else z) / temperature
-    tb = _token_batch(
-        lay,
-        seq_len,
-        advantages,
-        blend,
-        old_logp,
-        ref_logp,
-        cfg,
-        max_completion_length,
-        num_items_in_batch,
-        dev,
-        dtype=z.dtype,
-    )
+    lay, tb = _prepare(tuple(targets.shape), dev, cfg, advantages, mask, cu_seqlens, blend, old_logp, ref_logp,
+                       max_completion_length, num_items_in_batch, dtype=z.dtype)  # fmt: skip
     y = targets.reshape(-1).long()
     if lay.valid_idx is not None:
         z, y = z[lay.valid_idx], y[lay.valid_idx]

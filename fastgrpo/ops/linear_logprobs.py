@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import CHUNKED, resolve_backend
+from ._dispatch import resolve_backend
 from ._engine import chunked_pass, default_chunk_size
-from ._validate import check_float, check_targets, shape
+from ._validate import check_chunk_size, check_float, check_head_outputs, check_targets, shape
 from .epilogue import get_epilogue
 
 __all__ = ["linear_logprobs", "linear_logprobs_ref"]
@@ -56,9 +56,12 @@ def _run_forward(hidden, weight, bias, targets, inv_temp, chunk, backend):
     if backend == "triton":
         from fastgrpo.ops import _triton
 
-        return _triton.fused_lse_logp_entropy(hidden, weight, bias, targets, inv_temp)
-    res = chunked_pass(hidden, weight, bias, targets, inv_temp, chunk, get_epilogue(backend))
-    return res.lse, res.logp, res.entropy
+        lse, logp, entropy = _triton.fused_lse_logp_entropy(hidden, weight, bias, targets, inv_temp)
+    else:
+        res = chunked_pass(hidden, weight, bias, targets, inv_temp, chunk, get_epilogue(backend))
+        lse, logp, entropy = res.lse, res.logp, res.entropy
+    check_head_outputs(lse, logp, entropy, {"hidden": hidden, "weight": weight, "bias": bias})
+    return lse, logp, entropy
 
 
 def _run_backward(
@@ -143,10 +146,8 @@ def prepare_linear_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
 
 def run_linear_logprobs(hidden2d, weight, bias, targets1d, temperature, chunk_size, backend):
     """Dispatch on already flattened and validated inputs; returns ``(logp, entropy)`` fp32 ``[N]``."""
-    name = resolve_backend(backend, hidden2d.device)
+    name = resolve_backend(backend, hidden2d.device, hidden2d.dtype)
     chunk = chunk_size or default_chunk_size(hidden2d.shape[0], weight.shape[0])
-    if name not in CHUNKED and name != "triton":
-        raise ValueError(f"unknown backend {name!r}")
     logp, entropy, _ = LinearLogprobsFunction.apply(
         hidden2d.contiguous(),
         weight.contiguous(),
@@ -179,14 +180,18 @@ def linear_logprobs(
         bias: optional ``[V]``.
         temperature: divides the logits (as TRL and verl sample).
         return_entropy: also return the per-token entropy of the distribution.
-        chunk_size: tokens per logits block (default: a block of ~64 MiB fp32).
+        chunk_size: tokens per logits block, a positive int (default: a block of ~64 MiB fp32).
         backend: ``auto``, ``torch``, ``cpp``, ``cuda``, ``triton`` or ``triton_chunked``.
 
     Returns:
         fp32 ``logp`` with the leading shape of ``targets`` (and fp32 ``entropy``). Differentiable in
         ``hidden``, ``weight`` and ``bias``.
+
+    Raises ``ValueError`` naming the argument for bad shapes or values, including NaN / inf in ``hidden``,
+    ``weight`` or ``bias`` (found from the O(N) log-partition and entropy; ``-inf`` in ``bias`` bans a token).
     """
     prepare_linear_inputs(hidden, weight, targets, bias, temperature)
+    check_chunk_size(chunk_size)
     check_targets(targets, weight.shape[0])
     lead = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
