@@ -35,6 +35,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ._schema import ConfigError, build_dataclass, unknown_key
+from .ops.grpo_loss import LossConfig as OpLossConfig
 
 __all__ = [
     "ConfigError",
@@ -211,22 +212,14 @@ class AdvantageConfig:
     prm: PrmConfig = field(default_factory=PrmConfig)
 
 
-@dataclass
-class LossConfig:
-    """Arguments of :func:`fastgrpo.grpo_loss` (see its docstring for the math)."""
+@dataclass(frozen=True)
+class LossConfig(OpLossConfig):
+    """The ``loss`` section: every field of :class:`fastgrpo.LossConfig` (``loss_type``, clipping, ``beta``, ...;
+    the trainer passes the section to :func:`fastgrpo.grpo_loss` as its ``config``), and which completions enter
+    the loss: ``mask_truncated`` drops the tokens of completions that hit ``rollout.max_new_tokens`` without an
+    end token (TRL's ``mask_truncated_completions``)."""
 
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
-    importance_level: Literal["token", "sequence"] = "token"
-    eps_low: float = 0.2
-    eps_high: float | None = None
-    delta: float | None = None
-    dual_clip: float | None = None
-    beta: float = 0.0
-    entropy_coef: float = 0.0
-    kl_bias_correction: bool = False  # KL term times the importance ratio (TRL's use_bias_correction_kl)
     mask_truncated: bool = False
-    chunk_size: int | None = None
-    backend: str = "auto"
 
 
 @dataclass
@@ -323,9 +316,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
-        """Every field's range (:data:`FIELD_RULES`; every number finite), then the checks across fields and
-        the schemes' parameters; returns ``self``. Runs when a config is loaded, before any model work."""
+        """Every field's range (:data:`FIELD_RULES`, and :meth:`fastgrpo.LossConfig.validate` for the loss; every
+        number finite), then the checks across fields and the schemes' parameters; returns ``self``. Runs when
+        a config is loaded, before any model work."""
         _check_fields(self)
+        try:
+            self.loss.validate()
+        except ValueError as e:  # the message starts with the field's name
+            name, _, rule = str(e).partition(" ")
+            raise ConfigError(f"loss.{name}: {rule}") from None
         if not self.rewards:
             raise ConfigError("rewards: at least one reward term is needed")
         if self.advantage.care.enabled and self.model.reference not in ("auto", "ema"):
@@ -464,7 +463,6 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rollout.top_p": _between(0.0, 1.0, lo_open=True),
     "rollout.top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
     "rollout.max_prompt_tokens": _POSITIVE,
-    "loss.beta": _NON_NEGATIVE,
     "optim.lr": _NON_NEGATIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "needs two values in [0, 1)"),

@@ -106,6 +106,7 @@ __all__ = [
     "packed_forward",
     "packed_logprobs",
     "lm_head_of",
+    "logit_scale",
     "decoder_of",
     "attn_implementation_of",
     "default_attn_implementation",
@@ -764,13 +765,24 @@ def lm_head_of(model: nn.Module) -> LMHead:
             f"{text_config.final_logit_softcapping}): logits are not linear in the hidden states, so the fused "
             "hidden-state losses cannot reproduce them"
         )
-    scale = 1.0
-    if getattr(text_config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        scale *= float(text_config.logit_scale)
-    if getattr(text_config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale /= float(text_config.logits_scaling)
     bias = getattr(head, "bias", None)
-    return LMHead(weight=head.weight, bias=bias if isinstance(bias, Tensor) else None, scale=scale)
+    return LMHead(weight=head.weight, bias=bias if isinstance(bias, Tensor) else None, scale=logit_scale(config))
+
+
+def logit_scale(config: Any) -> float:
+    """The factor a model multiplies its logits by after the LM head (the config fields transformers' models and
+    TRL's fused LM head read): Cohere ``logit_scale``, Granite-MoE-style ``output_multiplier`` /
+    ``lm_head_multiplier`` (multiply), Granite ``logits_scaling`` (divide; HyperCLOVA X multiplies by it); 1
+    otherwise. Folded into the temperature (:meth:`LMHead.logit_temperature`)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if getattr(text, "model_type", "") == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

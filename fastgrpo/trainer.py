@@ -57,7 +57,7 @@ from .observability import (
     read_metrics,
     reward_summary,
 )
-from .ops import grpo_loss
+from .ops import accumulation_weight, grpo_loss
 from .packing import MicroBatch, PackedBatch, lm_head_of, pack_micro_batches, packed_forward, packed_logprobs
 from .rewards.outcome import extract_answer
 from .rewards.registry import build_scheme
@@ -127,16 +127,6 @@ def make_accelerator(cfg: Config) -> Any:
             "Accelerator(cpu=True) itself when there is no GPU)"
         )
     return accel
-
-
-def _loss_scale(loss_type: str, b_mb: int, b_total: int, m_mb: int, m_local: int, world: int) -> float:
-    """Weight of one micro-batch's loss so the accumulated, rank-averaged gradient is the global one."""
-    if loss_type in ("dapo", "cispo"):  # sum / num_items_in_batch already global; undo DDP's mean
-        return float(world)
-    if loss_type == "bnpo":  # token mean over this rank's batch
-        return m_mb / max(m_local, 1)
-    # grpo, sapo (sequence means) and dr_grpo (sum / (B * L_max)): a mean over the global sequences
-    return b_mb / b_total * world
 
 
 @dataclass
@@ -644,7 +634,8 @@ class Trainer:
         A padding micro-batch, or one whose tokens are all masked out, runs with weight 0 (every rank makes
         the same forward/backward calls). The step's metrics are summed on the device and fetched once.
         """
-        cfg, lt = self.cfg, self.cfg.loss.loss_type
+        cfg = self.cfg
+        zero_weight_loss = dataclasses.replace(cfg.loss, beta=0.0)  # a step that trains nothing needs no KL
         mbs = update.micro_batches
         local_items = sum(mb.num_loss_tokens for mb in mbs)
         temperature = self.head.logit_temperature(cfg.rollout.temperature)
@@ -659,35 +650,26 @@ class Trainer:
                 a, blend = mb.advantages, mb.blend
                 a = tuple(x.to(self.device) for x in a) if isinstance(a, tuple) else a.to(self.device)
                 blend = blend.to(self.device) if blend is not None else None
-                mask, old, ref, beta = mb.loss_mask.to(self.device), mb.old_logp, mb.ref_logp, cfg.loss.beta
+                mask, old, ref, loss_cfg = mb.loss_mask.to(self.device), mb.old_logp, mb.ref_logp, cfg.loss
             else:  # nothing to learn here: a zero-weight step keeps the ranks' collectives matched
-                a, blend, mask, old, ref, beta = (
-                    torch.zeros(mb.rows.num_sequences, device=self.device),
-                    None,
-                    None,
-                    None,
-                    None,
-                    0.0,
-                )
+                a, blend, mask, old, ref, loss_cfg = (torch.zeros(mb.rows.num_sequences, device=self.device), None,
+                                                      None, None, None, zero_weight_loss)  # fmt: skip
             last = k == len(mbs) - 1
             with contextlib.nullcontext() if last or self.world == 1 else self.accel.no_sync(self.policy):
                 hidden = self.policy(mb.rows)  # [M, D] at the loss positions; logits are never built
                 weight = self.head.weight.to(hidden.dtype)
                 out = grpo_loss(
                     hidden, weight, mb.rows.targets, a, mask=mask, cu_seqlens=mb.rows.completion_cu_seqlens,
-                    old_logp=old, ref_logp=ref if beta > 0 else None, beta=beta,
-                    kl_bias_correction=cfg.loss.kl_bias_correction,
-                    loss_type=lt, importance_level=cfg.loss.importance_level, eps_low=cfg.loss.eps_low,
-                    eps_high=cfg.loss.eps_high, delta=cfg.loss.delta, dual_clip=cfg.loss.dual_clip,
-                    temperature=temperature, entropy_coef=cfg.loss.entropy_coef,
+                    old_logp=old, ref_logp=ref if loss_cfg.beta > 0 else None, temperature=temperature,
                     max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=max(update.num_items, 1),
-                    blend=blend, bias=self.head.bias, chunk_size=cfg.loss.chunk_size, backend=cfg.loss.backend,
+                    blend=blend, bias=self.head.bias, config=loss_cfg,
                 )  # fmt: skip
                 scale = (
-                    _loss_scale(lt, len(mb.index), update.num_seqs, m, local_items, self.world)
+                    accumulation_weight(cfg.loss.loss_type, num_seqs=len(mb.index), total_seqs=update.num_seqs,
+                                        num_tokens=m, local_tokens=local_items, world_size=self.world)
                     if trains
                     else 0.0
-                )
+                )  # fmt: skip
                 self.accel.backward(out.loss * scale)
             if trains:  # token-weighted metrics
                 n_tok += m

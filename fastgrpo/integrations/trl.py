@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from fastgrpo.ops.grpo_loss import LOSS_TYPES, GRPOLossOutput, LossConfig, grpo_loss
+from fastgrpo.packing import logit_scale
 
 __all__ = ["FastGRPOTrainer", "patch_trainer", "fastgrpo_compute_loss", "check_supported"]  # noqa: F822 (lazy)
 
@@ -99,20 +100,6 @@ def _install_hidden_forward(model: torch.nn.Module) -> None:
 
     lm.forward = types.MethodType(forward, lm)
     lm._fastgrpo_hidden_forward = True
-
-
-def _logit_scale(config) -> float:
-    """The multiplier some models apply to the logits before softmax (TRL's ``add_fused_lm_head`` reads the same
-    config fields); folded into the temperature."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        v = getattr(text, name, None)
-        if v is not None:
-            return float(v)
-    scaling = getattr(text, "logits_scaling", None)
-    if scaling is not None:
-        return float(scaling) if getattr(text, "model_type", "") == "hyperclovax" else 1.0 / float(scaling)
-    return 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +235,7 @@ def fastgrpo_compute_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any
                 mask=mask,
                 old_logp=old,
                 ref_logp=ref,
-                temperature=trainer.temperature / _logit_scale(lm.config),
+                temperature=trainer.temperature / logit_scale(lm.config),
                 max_completion_length=trainer.max_completion_length,
                 num_items_in_batch=num_items,
                 bias=bias,
