@@ -116,3 +116,29 @@ def smollm2_tokenizer():
     if (converted / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(converted, local_files_only=True)
     return AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+# --- short trainer runs on the tiny model (test_trainer, test_trainer_pinned, test_resume, test_trust) -----------
+TINY_RUN = [
+    "model.name=tiny",
+    "train.progress=false",
+    "train.plot=false",
+    "train.eval_prompts=0",
+    "task.num_train=16",
+    "task.num_eval=4",
+    "rollout.max_new_tokens=8",
+]
+# ... with updates that move the weights: 2 prompts x 4 completions a step, a large learning rate
+TINY_TRAINING = [*TINY_RUN, "rollout.group_size=4", "rollout.prompts_per_step=2", "optim.lr=5e-3"]
+# a reward with spread on the untrained tiny model (about half its samples hold a digit): non-zero advantages
+DIGIT_REWARD = "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}]"
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise-exact comparisons need a fixed reduction order: MKL may change its thread count under load
+    (MKL_DYNAMIC), which changes GEMM rounding. One thread is also the fastest on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

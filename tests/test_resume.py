@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import DIGIT_REWARD, TINY_TRAINING
 from safetensors.torch import load_file
 
 from fastgrpo.checkpoint import CheckpointError, find_resumable, read_checkpoint, save_checkpoint
@@ -23,21 +24,12 @@ from fastgrpo.config import ConfigError, load_config, resume_config
 from fastgrpo.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.name=tiny", "train.progress=false", "train.plot=false", "task.num_train=16", "task.num_eval=4",
-        "rollout.max_new_tokens=8", "rollout.group_size=4", "rollout.prompts_per_step=2", "optim.lr=5e-3",
-        "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}]"]  # fmt: skip
+TINY = [*TINY_TRAINING, DIGIT_REWARD]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sets(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _first_run(tmp_path, *extra: str, steps: int = 2) -> Path:

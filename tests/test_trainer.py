@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIGIT_REWARD, TINY_RUN
 
 from fastgrpo.cli import main as cli_main
 from fastgrpo.config import load_config
@@ -23,30 +24,10 @@ from fastgrpo.trainer import Trainer, register_reward, train
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
-# small and fast: tiny model, short completions, few prompts
-TINY = [
-    "model.name=tiny",
-    "train.progress=false",
-    "train.plot=false",
-    "train.eval_prompts=0",
-    "task.num_train=16",
-    "task.num_eval=4",
-    "rollout.max_new_tokens=8",
-]
 # the compare task's prompts are ~70 tokens: with this limit, small token budgets still hold a whole group
 SHORT_PROMPTS = "rollout.max_prompt_tokens=80"
-# a reward with spread on the untrained tiny model (about half its samples hold a digit): non-zero advantages
-DIGIT_REWARD = "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}]"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bitwise-exact comparisons need a fixed reduction order: MKL may change its thread count under load
-    # (MKL_DYNAMIC), which changes GEMM rounding. One thread is also the fastest on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = TINY_RUN
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, *overrides):

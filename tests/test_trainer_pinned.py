@@ -9,7 +9,7 @@ the comparison is exact (metrics and parameters bit for bit); elsewhere the disc
 continuous ones equal to 1e-4 relative (a different GEMM kernel, not a different computation).
 
 Re-record after an intended change of behaviour (and say why in the commit):
-``python tests/test_trainer_pinned.py --record``.
+``PYTHONPATH=. python tests/test_trainer_pinned.py --record``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAINING
 
 from fastgrpo.config import load_config
 from fastgrpo.trainer import Trainer
@@ -30,17 +31,8 @@ from fastgrpo.trainer import Trainer
 DATA = Path(__file__).resolve().parent / "data" / "pinned_runs.json"
 
 TINY = [
-    "model.name=tiny",
-    "train.progress=false",
-    "train.plot=false",
-    "train.eval_prompts=0",
-    "task.num_train=16",
-    "task.num_eval=4",
-    "rollout.max_new_tokens=8",
-    "rollout.group_size=4",
-    "rollout.prompts_per_step=2",
+    *TINY_TRAINING,
     "train.steps=3",
-    "optim.lr=5e-3",
     "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}, {name: accuracy, weight: 0.5}]",
 ]
 
@@ -133,7 +125,7 @@ def _close(a, b) -> bool:
 @pytest.mark.parametrize("name", list(CASES))
 def test_pinned_run(name, tmp_path):
     if not DATA.is_file():
-        pytest.fail(f"{DATA} is missing: record it with `python {Path(__file__).name} --record`")
+        pytest.fail(f"{DATA} is missing: record it with `PYTHONPATH=. python tests/{Path(__file__).name} --record`")
     pinned = json.loads(DATA.read_text())
     got = run_case(name, tmp_path)
     kind = machine_kind()
@@ -157,7 +149,7 @@ if __name__ == "__main__":
     import tempfile
 
     if "--record" not in sys.argv:
-        sys.exit(f"usage: python {sys.argv[0]} --record   (re-records {DATA} for this machine kind)")
+        sys.exit(f"usage: PYTHONPATH=. python {sys.argv[0]} --record   (re-records {DATA} for this machine kind)")
     recorded = json.loads(DATA.read_text()) if DATA.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         recorded[machine_kind()] = {name: run_case(name, Path(tmp)) for name in CASES}

@@ -8,14 +8,16 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_TRAINING
 
 from fastgrpo.cli import main as cli_main
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.trainer import RunResult, Trainer
 
-TINY = ["model.name=tiny", "train.progress=false", "train.plot=false", "task.num_train=16", "task.num_eval=4",
-        "rollout.max_new_tokens=8", "rollout.group_size=4", "rollout.prompts_per_step=2", "optim.lr=5e-3",
-        "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}, {name: accuracy, weight: 0.5}]"]  # fmt: skip
+TINY = [
+    *TINY_TRAINING,
+    "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}, {name: accuracy, weight: 0.5}]",
+]
 
 
 @pytest.mark.parametrize(
