@@ -10,7 +10,7 @@ are void and not written) or raised, 0 otherwise.
 
 Ops whose script follows the harness interface (``OP``, ``MODES``, ``cases``, ``setup``, ``work``: see
 ``bench/_harness.py``) run through :func:`bench._harness.run_op`. Other scripts (``bench_packing.py``,
-``bench_step.py``) only need ``main(argv) -> int`` accepting ``--device {cpu,cuda}``, ``--smoke`` and
+``bench_rollout.py``, ``bench_step.py``) only need ``main(argv) -> int`` accepting ``--device {cpu,cuda}``, ``--smoke`` and
 ``--out DIR``; ``run.py`` calls them with those three and they write their own CSV with the same columns
 (``bench._harness.write_csv``).
 """
@@ -31,6 +31,7 @@ OPS = {
     "grpo_loss": "bench.bench_grpo_loss",
     "advantages": "bench.bench_advantages",
     "packing": "bench.bench_packing",
+    "rollout": "bench.bench_rollout",
     "step": "bench.bench_step",
 }
 

@@ -1,7 +1,8 @@
 """Rollout: ``G`` sampled completions per prompt with ``transformers`` ``generate`` (vLLM when installed).
 
-:func:`generate_rollouts` left-pads the prompts (decoder-only generation appends on the right), samples with the
-KV cache and ``num_return_sequences = G``, and returns a :class:`RolloutBatch`:
+:func:`generate_rollouts` left-pads the prompts (decoder-only generation appends on the right), prefills each
+prompt once and samples its ``G`` completions from that prompt's KV cache (below; or ``num_return_sequences = G``
+with ``prefill_once=False``), and returns a :class:`RolloutBatch`:
 
 * ``completion_ids [B·G, T_c]`` right-padded, ``completion_mask`` True up to **and including** the first end
   token: an EOS id (the tokenizer's and the model's ``generation_config``), or the token that completes a stop
@@ -14,6 +15,42 @@ KV cache and ``num_return_sequences = G``, and returns a :class:`RolloutBatch`:
   top-p / min-p truncation: the distribution the loss recomputes, so ``old_logp`` can come from here. They
   differ from a packed fp32 recompute only by kernel rounding (KV-cache attention vs one full pass). With
   ``do_sample=False`` the temperature is 1.
+
+One prefill per prompt (``SamplingParams.prefill_once``, the default)
+------------------------------------------------------------------
+``generate(num_return_sequences=G)`` copies every prompt ``G`` times *before* its prefill, so the prompt (and a
+vision-language model's image tokens) runs through the model ``G`` times. With ``prefill_once``:
+
+1. **Prefill** the ``B`` prompts once: ``model.generate(prompts, **model_inputs, max_new_tokens=1,
+   do_sample=False, return_dict_in_generate=True)``. transformers prepares the inputs as for any generation
+   (position ids from the padding mask, a VLM's M-RoPE positions and ``rope_deltas``, its vision tower on the
+   images), so nothing here is model-specific; the greedy token is thrown away (no RNG is drawn) and the last
+   prompt token is cropped from the returned cache (``Cache.crop(-1)``): ``[B, H, T_p - 1, d]`` per layer.
+2. **Continue**: ``model.generate(prompts, num_return_sequences=G, cache=<that cache, for B·G rows>, ...)`` with
+   the caller's sampling settings. transformers sees a cache holding all but the last prompt token, so its own
+   prefill runs the last prompt token for the ``B·G`` rows (one decode-sized step) and samples, processes and
+   stops exactly as the plain path: logits processors (the behaviour log-probs), stop strings, EOS handling and
+   the RNG stream are the same code on the same ``[B·G, V]`` scores, up to fp32 rounding of the scores.
+   The ``B·G``-row cache is one of (``SamplingParams.prompt_cache``):
+
+   * ``"shared"``: :class:`fastgrpo.prefix_cache.SharedPrefixCache` keeps each prompt's keys/values once (``[B, H, T_p - 1, d]``)
+     and only the completion tokens per row; the text decoder's attention is switched, for this call only, to
+     ``fastgrpo_shared_prefix``, which attends the ``G`` queries of a group to their shared prefix in one
+     product and to each row's own completion tokens, under one softmax (a two-part attention written here:
+     transformers has no attention over a prefix shared by several rows). The prompt cache is neither copied
+     nor re-read ``G`` times per decoded token.
+   * ``"expanded"``: transformers' ``Cache.batch_repeat_interleave(G)`` (``G`` copies); any model.
+   * ``"auto"`` (default): shared when ``G > 1`` and every cache layer is a plain full-attention
+     ``DynamicLayer`` whose attention goes through transformers' ``AttentionInterface``, else expanded.
+
+``compile_decode`` (CUDA only, off by default) continues instead from a ``StaticCache`` holding the expanded
+prompt, so transformers compiles the decode step (``torch.compile``, its ``generate`` auto-compilation).
+``do_sample=False`` with ``G > 1`` is refused (``G`` identical completions); with ``G = 1`` both paths run.
+
+Extra model inputs (``generate_rollouts(..., model_inputs=...)``: a VLM's ``pixel_values``, ``image_grid_thw``,
+``mm_token_type_ids``, ...) go to the prefill only, as ``generate`` takes them for the ``B`` prompts; the
+continuation needs none of them (they live in the cache and in the model's generation state). The plain path
+passes them to its single ``generate`` call.
 
 Bad input, handled explicitly:
 
@@ -33,8 +70,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +81,7 @@ from torch import Tensor, nn
 
 from ._backends import BackendUnavailable
 from .models import eval_mode
-from .packing import PackedBatch, pack, pack_shared_prompt
+from .packing import PackedBatch, _unwrap, pack, pack_shared_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +91,7 @@ __all__ = [
     "generate_rollouts",
     "tokenize_prompts",
     "completion_end_mask",
+    "PROMPT_CACHE_MODES",
     "HAS_VLLM",
     "VLLMEngine",
 ]
@@ -60,11 +99,21 @@ __all__ = [
 HAS_VLLM: bool = importlib.util.find_spec("vllm") is not None
 
 Prompt = str | Sequence[int] | Sequence[dict]
+ModelInputs = Mapping[str, "Tensor | Sequence[Tensor]"]
+
+PROMPT_CACHE_MODES = ("auto", "shared", "expanded")
 
 
 @dataclass
 class SamplingParams:
-    """Generation settings. ``num_generations`` is ``G`` (``num_return_sequences``)."""
+    """Generation settings. ``num_generations`` is ``G`` (``num_return_sequences``).
+
+    ``prefill_once`` (default True): one prefill per prompt, its ``G`` completions continue from its cache
+    (module docstring); False: transformers' ``num_return_sequences`` (each prompt copied ``G`` times first).
+    ``prompt_cache``: how the ``G`` rows of a group read that cache, ``"auto"`` | ``"shared"`` | ``"expanded"``.
+    ``compile_decode``: continue from an expanded ``StaticCache`` with a compiled decode step (CUDA only).
+    The three are ignored by :class:`VLLMEngine` (vLLM computes a prompt once for its ``n`` samples itself).
+    """
 
     num_generations: int = 8
     max_new_tokens: int = 64
@@ -79,6 +128,9 @@ class SamplingParams:
     prompt_truncation: str = "error"
     return_logprobs: bool = True
     seed: int | None = None
+    prefill_once: bool = True
+    prompt_cache: str = "auto"
+    compile_decode: bool = False
 
     def validate(self) -> None:
         if self.num_generations < 1:
@@ -97,6 +149,16 @@ class SamplingParams:
             raise ValueError(f"prompt_truncation must be 'error' or 'left', got {self.prompt_truncation!r}")
         if isinstance(self.stop, str):
             raise ValueError("stop must be a sequence of strings, e.g. ('</answer>',), not a single string")
+        if self.prompt_cache not in PROMPT_CACHE_MODES:
+            raise ValueError(f"prompt_cache must be one of {PROMPT_CACHE_MODES}, got {self.prompt_cache!r}")
+        if self.compile_decode and not self.prefill_once:
+            raise ValueError(
+                "compile_decode continues from the prefilled prompt cache: it needs prefill_once=True"
+            )
+        if self.compile_decode and self.prompt_cache == "shared":
+            raise ValueError(
+                "compile_decode decodes from a static (expanded) cache: use prompt_cache='expanded' or 'auto'"
+            )
 
 
 @dataclass
@@ -291,21 +353,40 @@ def generate_rollouts(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     params: SamplingParams | None = None,
+    *,
+    model_inputs: ModelInputs | None = None,
     **overrides: Any,
 ) -> RolloutBatch:
     """Sample ``G = params.num_generations`` completions for each prompt (module docstring).
 
-    ``model``: an ``AutoModelForCausalLM`` (or PEFT model), or a :class:`VLLMEngine`. ``overrides`` replace
-    fields of ``params`` (e.g. ``max_new_tokens=16``). The model runs in eval mode and is restored after.
+    ``model``: an ``AutoModelForCausalLM`` / image-text-to-text model (or PEFT model), or a :class:`VLLMEngine`.
+    ``overrides`` replace fields of ``params`` (e.g. ``max_new_tokens=16``). The model runs in eval mode and is
+    restored after.
+
+    ``model_inputs``: extra inputs of the prompts' forward, by name, each either a tensor for the whole batch,
+    passed as is (``pixel_values`` / ``image_grid_thw`` of all prompts' images in prompt order, or a ``[B, T_p]``
+    tensor already left-padded like the prompts), or a sequence of ``B`` 1-D tensors with one value per prompt
+    token (``mm_token_type_ids``), left-padded with 0 here like the ids.
     """
     params = SamplingParams(**{**(params.__dict__ if params else {}), **overrides})
     params.validate()
     if isinstance(model, VLLMEngine):
+        if model_inputs:
+            raise ValueError("model_inputs are for transformers models; the vLLM engine takes text prompts")
         return model.generate(tokenizer, prompts, params)
     if len(prompts) == 0:
         raise ValueError("prompts is empty")
     if not callable(getattr(model, "generate", None)):
         raise ValueError(f"{type(model).__name__} cannot generate: pass an AutoModelForCausalLM")
+    b, g = len(prompts), params.num_generations
+    if not params.do_sample and g > 1:
+        raise ValueError(
+            f"do_sample=False gives num_generations={g} identical completions per prompt: sample, or use "
+            "num_generations=1"
+        )
+    device = next(model.parameters()).device
+    if params.compile_decode and device.type != "cuda":
+        raise ValueError(f"compile_decode compiles the decode step on CUDA; the model is on {device.type}")
     pad, eos = _pad_and_eos(tokenizer, model)
     ids = tokenize_prompts(
         tokenizer,
@@ -320,8 +401,9 @@ def generate_rollouts(
             f"longest prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
             f"max_position_embeddings ({max_pos})"
         )
-    device = next(model.parameters()).device
-    b, g = len(ids), params.num_generations
+    extra = _collate_model_inputs(model_inputs, ids, longest, device)
+    prefill_once = params.prefill_once and longest > 1  # one-token prompts have no prefill to share
+    cache_mode = _prompt_cache_mode(model, params) if prefill_once else ""
     prompt_ids = torch.full((b, longest), pad, dtype=torch.long)
     prompt_mask = torch.zeros((b, longest), dtype=torch.bool)
     for i, x in enumerate(ids):  # left padding
@@ -370,7 +452,10 @@ def generate_rollouts(
             torch.manual_seed(params.seed)
         stack.enter_context(eval_mode(model))
         stack.enter_context(torch.no_grad())
-        sequences = model.generate(**gen_kwargs)
+        if prefill_once:
+            sequences = _generate_prefill_once(model, gen_kwargs, extra, cache_mode, params.max_new_tokens)
+        else:
+            sequences = model.generate(**gen_kwargs, **extra)
     completion_ids = sequences[:, longest:]
     mask, truncated = completion_end_mask(completion_ids, eos, stopper.index if stopper is not None else None)
     completion_ids = completion_ids.masked_fill(~mask, pad)
@@ -390,6 +475,132 @@ def generate_rollouts(
         texts=texts,
         pad_token_id=pad,
     )
+
+
+# Inputs generate_rollouts sets itself (from the prompts, or computed by transformers' generate).
+_RESERVED_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "inputs_embeds",
+    "position_ids",
+    "cache",
+    "past_key_values",
+)
+
+
+def _collate_model_inputs(
+    model_inputs: ModelInputs | None, ids: list[list[int]], width: int, device: torch.device
+) -> dict[str, Tensor]:
+    """``model_inputs`` as ``generate`` keyword arguments on ``device``: tensors as they are, per-token sequences
+    (one 1-D tensor per prompt, as long as its ids) left-padded with 0 to ``[B, width]``."""
+    if not model_inputs:
+        return {}
+    if not isinstance(model_inputs, Mapping):
+        raise ValueError(
+            f"model_inputs must be a mapping of input names to tensors, got {type(model_inputs).__name__}"
+        )
+    out: dict[str, Tensor] = {}
+    for key, value in model_inputs.items():
+        if key in _RESERVED_INPUTS:
+            raise ValueError(
+                f"model_inputs[{key!r}]: set by generate_rollouts from the prompts (or computed by transformers)"
+            )
+        if isinstance(value, Tensor):
+            out[key] = value.to(device)
+            continue
+        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(ids):
+            raise ValueError(
+                f"model_inputs[{key!r}] must be a tensor for the whole batch or a sequence of {len(ids)} 1-D "
+                f"tensors (one per prompt), got {type(value).__name__}"
+                + (f" of length {len(value)}" if isinstance(value, Sequence) else "")
+            )
+        rows = [torch.as_tensor(v) for v in value]
+        for i, (v, x) in enumerate(zip(rows, ids)):
+            if v.dim() != 1 or v.numel() != len(x):
+                raise ValueError(
+                    f"model_inputs[{key!r}][{i}] must hold one value per token of prompts[{i}] ([{len(x)}] after "
+                    f"tokenization and truncation), got shape {tuple(v.shape)}"
+                )
+        padded = torch.zeros(len(ids), width, dtype=rows[0].dtype)
+        for i, v in enumerate(rows):
+            padded[i, width - v.numel() :] = v
+        out[key] = padded.to(device)
+    return out
+
+
+def _generate_prefill_once(
+    model: nn.Module, gen_kwargs: dict[str, Any], extra: dict[str, Tensor], mode: str, max_new_tokens: int
+) -> Tensor:
+    """``[B·G, T_p + T_c]`` sequences of ``model.generate(**gen_kwargs)`` with one prefill per prompt (module
+    docstring): a one-token greedy ``generate`` on the ``B`` prompts (with ``extra``) returns their cache, whose
+    last prompt token is cropped; ``generate`` then continues from it, for ``B·G`` rows (``mode``: ``"shared"``,
+    ``"expanded"`` or ``"static"``, see :func:`_prompt_cache_mode`), with the caller's settings."""
+    from . import prefix_cache  # imports transformers
+
+    g = gen_kwargs["num_return_sequences"]
+    prompt_ids, mask = gen_kwargs["input_ids"], gen_kwargs["attention_mask"]
+    first = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=mask,
+        **extra,
+        max_new_tokens=1,
+        do_sample=False,
+        pad_token_id=gen_kwargs["pad_token_id"],
+        use_cache=True,
+        return_dict_in_generate=True,
+    )
+    cache = getattr(first, "cache", None)
+    if cache is None:  # transformers before 5.2x
+        cache = getattr(first, "past_key_values", None)
+    if cache is None or not getattr(cache, "is_croppable", True):
+        raise ValueError(
+            f"prefill_once needs a croppable transformers Cache from the prefill, got {type(cache).__name__}: "
+            "use prefill_once=False for this model"
+        )
+    cache.crop(-1)  # the continuation runs the last prompt token, for all B·G rows
+    # the cache keyword: ``cache`` since transformers 5.2x (``past_key_values`` before, still accepted)
+    key = "cache" if "cache" in inspect.signature(_unwrap(model).forward).parameters else "past_key_values"
+    if mode == "static":
+        from transformers import StaticCache
+
+        static = StaticCache(config=_unwrap(model).config, max_cache_len=prompt_ids.shape[1] + max_new_tokens)
+        for i, layer in enumerate(cache.layers):  # the prompt, expanded, into the preallocated cache
+            static.update(layer.keys.repeat_interleave(g, 0), layer.values.repeat_interleave(g, 0), i)
+        return model.generate(**gen_kwargs, **{key: static})
+    if mode == "expanded":
+        if g > 1:  # (repeat_interleave copies even for 1)
+            cache.batch_repeat_interleave(g)
+        return model.generate(**gen_kwargs, **{key: cache})
+    shared = prefix_cache.SharedPrefixCache(cache, g, mask[:, :-1].bool())
+    with prefix_cache.shared_prefix_attention_for(model, shared):
+        return model.generate(**gen_kwargs, **{key: shared})
+
+
+def _prompt_cache_mode(model: nn.Module, params: SamplingParams) -> str:
+    """``"static"``, ``"shared"`` or ``"expanded"`` (``params.prompt_cache``, ``"auto"`` resolved), decided from
+    the model and its config before any model work: the layers of the ``DynamicCache`` transformers' ``generate``
+    builds for it (``DynamicCache(config=text config)``, nothing allocated)."""
+    if params.compile_decode:
+        return "static"
+    if params.prompt_cache == "expanded":
+        return "expanded"
+    from transformers import DynamicCache
+
+    from .prefix_cache import shared_prefix_unsupported
+
+    g = params.num_generations
+    config = _unwrap(model).config.get_text_config(decoder=True)
+    why = shared_prefix_unsupported(DynamicCache(config=config), model)
+    if params.prompt_cache == "shared":
+        if why:
+            raise ValueError(f"prompt_cache='shared': {why}; use prompt_cache='expanded'")
+        return "shared"
+    if g == 1:
+        return "expanded"  # one row per prompt: nothing to share (the cache is used as it is)
+    if why:
+        logger.info("prompt cache expanded %d times (prompt_cache='auto'): %s", g, why)
+        return "expanded"
+    return "shared"
 
 
 class VLLMEngine:
