@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,8 +46,6 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .packing import _unwrap
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "SHARED_PREFIX_ATTENTION",
@@ -211,7 +208,12 @@ def shared_prefix_attention(
     pk, pv, pmask = layer.prefix_keys, layer.prefix_values, layer.prefix_mask
     r, h_q, q_len, d = query.shape
     b, h_kv, l_p, _ = pk.shape
-    g, n, s = r // b, h_q // h_kv, key.shape[2]
+    g, n, s = cache.group_size, h_q // h_kv, key.shape[2]
+    if r != b * g or key.shape[0] != r:
+        raise ValueError(
+            f"{SHARED_PREFIX_ATTENTION}: {r} query rows and {key.shape[0]} suffix rows for {b} prefixes x "
+            f"group_size {g}"
+        )
     scale = d**-0.5 if scaling is None else scaling
     # query head h reads key/value head h // n (repeat_kv's order): [R, H_kv, n·Q, d]
     q = query.reshape(r, h_kv, n * q_len, d)
