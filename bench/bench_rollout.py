@@ -1,12 +1,13 @@
 """Benchmark: rollouts with one prefill per prompt vs transformers' ``num_return_sequences``, side by side.
 
-    python -m bench.bench_rollout                    # SmolLM2-135M-Instruct, G=8, prompts 64/512/2048, 32/128 new tokens
+    python -m bench.bench_rollout                    # SmolLM2-135M-Instruct, G=8, P=64/512/2048, N=32/128
     python -m bench.bench_rollout --prompt-lens 512 --new-tokens 32 --reps 3
     python -m bench.bench_rollout --smoke            # seconds: the tiny model, small shapes, in one process
 
 Implementations (``fastgrpo.rollout.generate_rollouts``, same prompts, settings and seed):
 
-* ``num_return_sequences``: ``prefill_once=False``, transformers copies each prompt ``G`` times before the prefill;
+* ``num_return_sequences``: ``prefill_once=False``, transformers copies each prompt ``G`` times before its
+  prefill;
 * ``prompt-once``: ``prefill_once=True`` with the default ``prompt_cache="auto"`` (the shared-prefix cache);
 * ``prompt-once-expanded``: ``prefill_once=True, prompt_cache="expanded"`` (transformers'
   ``batch_repeat_interleave``), to show what sharing the cache adds to the single prefill.
@@ -198,7 +199,8 @@ def _run(args: argparse.Namespace) -> int:
     model, tok = load(model_name, args.device)
     env = H.env_columns(args.device)
     print(f"rollout bench on {env['device']}, torch {env['torch']}, fastgrpo @ {env['git_sha']}; model "
-          f"{model_name}, G={g}, B={args.num_prompts}, load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+          f"{model_name}, G={g}, B={args.num_prompts}, load average {os.getloadavg()[0]:.1f}",
+          flush=True)  # fmt: skip
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     table: list[str] = []
@@ -225,8 +227,8 @@ def _run(args: argparse.Namespace) -> int:
                 q = tuple(float(x) for x in H._quantiles(res["times"]))
                 results[impl] = (q, res["peak_mb"])
                 rows.append(_row(impl, "time", "s", case, q, args.device))
-                rows.append(_row(impl, "tokens_per_s", "tok/s", case, (tokens / q[0], tokens / q[2], tokens / q[1]),
-                                 args.device))  # fmt: skip
+                rate = (tokens / q[0], tokens / q[2], tokens / q[1])
+                rows.append(_row(impl, "tokens_per_s", "tok/s", case, rate, args.device))
                 rows.append(_row(impl, "peak_mem", "MB", case, res["peak_mb"], args.device))
                 print(f"  P={plen:5d} N={n:4d} {impl:<22} {q[0]:8.2f} s [{q[1]:.2f}, {q[2]:.2f}] "
                       f"{tokens / q[0]:8.1f} tok/s  peak +{res['peak_mb']:.0f} MB  (load "

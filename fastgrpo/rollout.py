@@ -33,12 +33,12 @@ vision-language model's image tokens) runs through the model ``G`` times. With `
    the RNG stream are the same code on the same ``[B·G, V]`` scores, up to fp32 rounding of the scores.
    The ``B·G``-row cache is one of (``SamplingParams.prompt_cache``):
 
-   * ``"shared"``: :class:`fastgrpo.prefix_cache.SharedPrefixCache` keeps each prompt's keys/values once (``[B, H, T_p - 1, d]``)
-     and only the completion tokens per row; the text decoder's attention is switched, for this call only, to
-     ``fastgrpo_shared_prefix``, which attends the ``G`` queries of a group to their shared prefix in one
-     product and to each row's own completion tokens, under one softmax (a two-part attention written here:
-     transformers has no attention over a prefix shared by several rows). The prompt cache is neither copied
-     nor re-read ``G`` times per decoded token.
+   * ``"shared"``: :class:`fastgrpo.prefix_cache.SharedPrefixCache` keeps each prompt's keys/values once
+     (``[B, H, T_p - 1, d]``) and only the completion tokens per row; the text decoder's attention is
+     switched, for this call only, to ``fastgrpo_shared_prefix``, which attends the ``G`` queries of a group
+     to their shared prefix in one product and to each row's own completion tokens, under one softmax (a
+     two-part attention written here: transformers has no attention over a prefix shared by several rows).
+     The prompt cache is neither copied nor re-read ``G`` times per decoded token.
    * ``"expanded"``: transformers' ``Cache.batch_repeat_interleave(G)`` (``G`` copies); any model.
    * ``"auto"`` (default): shared when ``G > 1`` and every cache layer is a plain full-attention
      ``DynamicLayer`` whose attention goes through transformers' ``AttentionInterface``, else expanded.

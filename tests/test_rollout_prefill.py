@@ -1,5 +1,5 @@
-"""One prefill per prompt (``SamplingParams.prefill_once``): the same rollouts as ``num_return_sequences``, with the
-prompt computed once; the shared-prefix cache and its attention against plain references."""
+"""One prefill per prompt (``SamplingParams.prefill_once``): the same rollouts as ``num_return_sequences``, with
+the prompt computed once; the shared-prefix cache and its attention against plain references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import padded_logprobs
 
 from fastgrpo.packing import packed_logprobs
 from fastgrpo.rollout import SamplingParams, _generate_prefill_once, generate_rollouts, tokenize_prompts
-from fastgrpo.tiny import tiny_model_and_tokenizer, tiny_tokenizer
+from fastgrpo.tiny import tiny_model_and_tokenizer
 
 # different lengths in one batch, a one-token prompt among them (its prefix is all padding)
 PROMPTS = [
@@ -286,67 +286,67 @@ def test_shared_cache_refuses_another_attention(eos_heavy):
 # a vision-language model (M-RoPE, images through the vision tower)
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen25_vl():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _vlm_examples():
+    """Two images of different sizes in one prompt, a text-only prompt and a video prompt (prompts of different
+    lengths; M-RoPE positions that differ from the text positions after each image)."""
+    import numpy as np
+    from PIL import Image
 
-    tok = tiny_tokenizer()
-    v = len(tok)
-    image, start, end = v - 3, v - 2, v - 1  # three ordinary ids of the tiny vocabulary act as vision tokens
-    text = dict(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
-                rope_parameters=dict(rope_type="default", mrope_section=[4, 2, 2], rope_theta=10000.0),
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)  # fmt: skip
-    vision = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, window_size=56,
-                  fullatt_block_indexes=[0], tokens_per_second=2, initializer_range=0.2)  # fmt: skip
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=image,
-                              video_token_id=image - 1, vision_start_token_id=start, vision_end_token_id=end,
-                              tie_word_embeddings=False)  # fmt: skip
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    # two prompts of different lengths, each with one image of a different patch grid (t, h, w): 4 and 6 tokens
-    gen = torch.Generator().manual_seed(0)
-    grids = [(1, 4, 4), (1, 4, 6)]
-    prompts, types, pixels = [], [], []
-    for i, (t, h, w) in enumerate(grids):
-        ids = [5 + i, 6, 7, start] + [image] * (t * h * w // 4) + [end] + [8, 9, 10 + i] * (i + 1)
-        prompts.append(ids)
-        types.append(torch.tensor([int(x == image) for x in ids]))
-        pixels.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=gen))
-    inputs = {
-        "pixel_values": torch.cat(pixels),
-        "image_grid_thw": torch.tensor(grids),
-        "mm_token_type_ids": types,
-    }
-    return model, tok, prompts, inputs
+    from fastgrpo.tasks import Example
+
+    rng = np.random.default_rng(0)
+
+    def img(h, w):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    parts = [{"type": "image"}, {"type": "text", "text": "What is 2+3?"}, {"type": "image"}]
+    video = [{"type": "text", "text": "Which"}, {"type": "video"}, {"type": "text", "text": "moves?"}]
+    return [
+        Example([{"role": "user", "content": parts}], "5", images=[img(56, 84), img(84, 112)]),
+        Example([{"role": "user", "content": "What is 1+1?"}], "2"),
+        Example([{"role": "user", "content": video}], "1", videos=[[img(56, 56) for _ in range(4)]]),
+    ]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_vision_language_model(tiny_qwen25_vl, mode):
-    model, tok, prompts, inputs = tiny_qwen25_vl
-    vision_calls: list[int] = []
-    hook = model.model.visual.register_forward_hook(lambda m, a, o: vision_calls.append(int(a[0].shape[0])))
+@pytest.mark.parametrize(
+    "family, mode",
+    [("qwen2.5-vl", "shared"), ("qwen2.5-vl", "expanded"), ("qwen2-vl", "shared"), ("llava", "shared")],
+)
+def test_vision_language_model(family, mode):
+    # the trainer's path: prompts encoded by the processor, media as generation inputs (fastgrpo.vlm)
+    from fastgrpo.tiny import tiny_vlm
+    from fastgrpo.vlm import encode_prompts, generation_inputs, vision_modules
+
+    model, proc = tiny_vlm(family)
+    examples = _vlm_examples()
+    if family == "llava":
+        examples = examples[:2]  # images only
+    enc = encode_prompts(proc, examples)
+    tok = proc.tokenizer
+    inputs = generation_inputs(enc, tok.pad_token_id, model=model)
+    del inputs["input_ids"], inputs["attention_mask"]
+    media_rows = sum(int(inputs[k].shape[0]) for k in ("pixel_values", "pixel_values_videos") if k in inputs)
+    vision = vision_modules(model)[0][1]
+    rows: list[int] = []
+    hook = vision.register_forward_hook(lambda m, a, o: rows.append(int(a[0].shape[0])))
     try:
         params = SamplingParams(num_generations=3, max_new_tokens=8, top_k=1, seed=0)
+        prompts = [e.ids for e in enc]
         with _PromptTokens(model) as plain_tokens:
             plain = generate_rollouts(model, tok, prompts, params, prefill_once=False, model_inputs=inputs)
-        plain_vision = list(vision_calls)
-        vision_calls.clear()
+        plain_rows = list(rows)
+        rows.clear()
         with _PromptTokens(model) as our_tokens:
             ours = generate_rollouts(model, tok, prompts, params, prompt_cache=mode, model_inputs=inputs)
     finally:
         hook.remove()
     _same_rollouts(plain, ours)
-    width = ours.prompt_ids.shape[1]
-    assert our_tokens.calls == [(2, width)] and plain_tokens.calls == [(6, width)]
-    # the vision tower runs once per prompt's image (16 + 24 patches), in one call; transformers 5.24's plain
-    # path also encodes the images before expanding them
-    assert vision_calls == [40] and plain_vision == [40]
-    assert model.config.text_config._attn_implementation == "sdpa"
+    width, b = ours.prompt_ids.shape[1], len(prompts)
+    assert our_tokens.calls == [(b, width)] and plain_tokens.calls == [(3 * b, width)]
+    # every image / video goes through the vision tower once (transformers 5.24's plain path also encodes the
+    # media before it expands the prompts)
+    assert sum(rows) == media_rows and sum(plain_rows) == media_rows
+    assert model.config.get_text_config(decoder=True)._attn_implementation == "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------------------
