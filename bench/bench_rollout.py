@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
+    if args.smoke and args.threads is None:
+        args.threads = 1  # smoke timings mean nothing; one thread never stalls on a busy machine
     if args.threads:
         # on an oversubscribed machine, threads wait at every op's barrier for a descheduled peer: one thread
         # gives steadier (if slower) numbers
