@@ -135,7 +135,14 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    """Generation: ``prompts_per_step`` prompts, ``group_size`` completions each (G)."""
+    """Generation: ``prompts_per_step`` prompts, ``group_size`` completions each (G).
+
+    ``prefill_once`` (default): each prompt (and its images) runs through the model once and its ``G``
+    completions are sampled from its cache (false: transformers' ``num_return_sequences``, which copies the
+    prompt ``G`` times first); ``prompt_cache``: ``auto`` | ``shared`` (the prompt's keys/values once per group) |
+    ``expanded`` (``G`` copies); ``compile_decode``: a compiled static-cache decode (CUDA only, off by default).
+    See :mod:`fastgrpo.rollout`.
+    """
 
     group_size: int = 8
     prompts_per_step: int = 1
@@ -145,6 +152,9 @@ class RolloutConfig:
     top_k: int = 0
     max_prompt_tokens: int = 512
     chat_template: bool = True
+    prefill_once: bool = True
+    prompt_cache: Literal["auto", "shared", "expanded"] = "auto"
+    compile_decode: bool = False
 
 
 @dataclass

@@ -766,7 +766,9 @@ def lm_head_of(model: nn.Module) -> LMHead:
             "hidden-state losses cannot reproduce them"
         )
     bias = getattr(head, "bias", None)
-    return LMHead(weight=head.weight, bias=bias if isinstance(bias, Tensor) else None, scale=logit_scale(config))
+    return LMHead(
+        weight=head.weight, bias=bias if isinstance(bias, Tensor) else None, scale=logit_scale(config)
+    )
 
 
 def logit_scale(config: Any) -> float:

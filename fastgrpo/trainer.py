@@ -428,7 +428,8 @@ class Trainer:
         r = self.cfg.rollout
         kw = dict(num_generations=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                   top_p=r.top_p, top_k=r.top_k, max_prompt_length=r.max_prompt_tokens, return_logprobs=False,
-                  seed=seed)  # fmt: skip
+                  seed=seed, prefill_once=r.prefill_once, prompt_cache=r.prompt_cache,
+                  compile_decode=r.compile_decode)  # fmt: skip
         kw.update(overrides)
         return SamplingParams(**kw)
 

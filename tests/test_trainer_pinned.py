@@ -125,7 +125,9 @@ def _close(a, b) -> bool:
 @pytest.mark.parametrize("name", list(CASES))
 def test_pinned_run(name, tmp_path):
     if not DATA.is_file():
-        pytest.fail(f"{DATA} is missing: record it with `PYTHONPATH=. python tests/{Path(__file__).name} --record`")
+        pytest.fail(
+            f"{DATA} is missing: record it with `PYTHONPATH=. python tests/{Path(__file__).name} --record`"
+        )
     pinned = json.loads(DATA.read_text())
     got = run_case(name, tmp_path)
     kind = machine_kind()
@@ -149,7 +151,9 @@ if __name__ == "__main__":
     import tempfile
 
     if "--record" not in sys.argv:
-        sys.exit(f"usage: PYTHONPATH=. python {sys.argv[0]} --record   (re-records {DATA} for this machine kind)")
+        sys.exit(
+            f"usage: PYTHONPATH=. python {sys.argv[0]} --record   (re-records {DATA} for this machine kind)"
+        )
     recorded = json.loads(DATA.read_text()) if DATA.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         recorded[machine_kind()] = {name: run_case(name, Path(tmp)) for name in CASES}
