@@ -97,8 +97,9 @@ class RewardSignature:
 def reward_signature(fn: Callable[..., Any], name: str) -> RewardSignature:
     """Which of the two signatures (module docstring) ``fn`` has.
 
-    A parameter named ``completions`` makes it TRL's batched kind; else a function callable with two positional
-    arguments is fastgrpo's per-completion kind; else one taking ``**kwargs`` is TRL's. Raises
+    A parameter named like one of TRL's arguments (:data:`TRL_REWARD_ARGS`: ``prompts``, ``completions``, ...)
+    makes it TRL's batched kind; else a function callable with two positional arguments is fastgrpo's
+    per-completion kind; else one taking ``**kwargs`` is TRL's. Raises
     :class:`~fastgrpo._schema.ConfigError` naming ``rewards`` and the reward otherwise.
     """
     shapes = (
@@ -112,7 +113,7 @@ def reward_signature(fn: Callable[..., Any], name: str) -> RewardSignature:
     params = sig.parameters.values()
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
-    if "completions" not in named:
+    if not set(named) & set(TRL_REWARD_ARGS):
         try:
             sig.bind("text", "example")
             return RewardSignature("completion")
