@@ -605,8 +605,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         self._count_skipped(skipped)
 
-        # 5. after the update: sampler feedback
+        # 5. after the update: sampler feedback; a sampler's own statistics join the step's metrics
         self.stream.observe(groups.example[::G], reward.view(-1, G).mean(1))
+        if callable(sampler_metrics := getattr(self.stream.sampler, "metrics", None)):
+            extra.update(sampler_metrics())
         self.step += 1
 
         # 6. metrics

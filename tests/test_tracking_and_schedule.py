@@ -231,7 +231,11 @@ def test_completions_log_has_terms_reward_and_advantage(tmp_path):
                              "'.*[0-9].*'}}, {name: accuracy, weight: 2.0}]", f"train.output_dir={tmp_path}",
                              "train.run_name=c"])  # fmt: skip
     trainer = Trainer(cfg)
-    trainer.train()
+    trainer.stream.sampler.metrics = lambda: {
+        "curriculum/stage": 1.0
+    }  # a sampler's statistics join the step's
+    res = trainer.train()
+    assert res.metrics[0]["curriculum/stage"] == 1.0 and res.metrics[0]["copo/blend"] is not None
     lines = [json.loads(x) for x in (tmp_path / "c" / "completions.jsonl").read_text().splitlines()]
     assert len(lines) == 4
     adv = trainer._last_adv
@@ -243,3 +247,21 @@ def test_completions_log_has_terms_reward_and_advantage(tmp_path):
         assert line["advantage"] == float(adv.values[i]) and line["advantage_local"] == float(adv.local[i])
         assert line["blend"] == float(adv.blend[i]) and line["example"] == trainer._last_batch.example[i]
         assert line["prompt"] == trainer.train_set[line["example"]].question and line["completion"]
+
+
+def test_curriculum_samplers_report_their_stage():
+    from fastgrpo.sampling import CurriculumSampler, PerformanceGatedCurriculumSampler, PromptStream
+
+    fixed = CurriculumSampler([[0, 1], [2, 3, 4]], shuffle_within=False)
+    stream = PromptStream(fixed)
+    assert fixed.metrics() == {"curriculum/stage": 0.0}
+    assert stream.next(2) == [0, 1] and fixed.metrics() == {"curriculum/stage": 0.0}
+    assert stream.next(1) == [2] and fixed.metrics() == {"curriculum/stage": 1.0}
+    assert stream.next(3) == [3, 4, 0] and fixed.metrics() == {"curriculum/stage": 0.0}  # a new epoch
+    assert CurriculumSampler([[0, 1, 2]]).metrics() == {}  # one stage: a plain shuffle, nothing to report
+    gated = PerformanceGatedCurriculumSampler([[0, 1], [2, 3]], 100, threshold=0.5, window=2)
+    assert gated.metrics() == {"curriculum/stage": 0.0, "curriculum/stage_mean_reward": None}
+    gated.update([0], [0.25])
+    assert gated.metrics() == {"curriculum/stage": 0.0, "curriculum/stage_mean_reward": 0.25}
+    gated.update([1], [1.0])  # mean 0.625 >= 0.5 over a full window: the next stage
+    assert gated.metrics() == {"curriculum/stage": 1.0, "curriculum/stage_mean_reward": None}
