@@ -177,6 +177,18 @@ def test_bad_reward_values_name_the_reward(fn, message):
         terms.score_lists(["a1", "b"], [plain, plain], [[1], [2]])
 
 
+def test_trl_library_rewards_run_unchanged():
+    from trl.rewards import get_soft_overlong_punishment, think_format_reward
+
+    register_reward("overlong", get_soft_overlong_punishment(max_completion_len=10, soft_punish_cache=4))
+    register_reward("think", think_format_reward)
+    terms = RewardTerms([("overlong", 1.0, {}), ("think", 1.0, {})])
+    _, conv = _examples()
+    texts = ["<think>x</think>y", "no tags", "<think>a"]
+    out = terms.score_lists(texts, [conv] * 3, [[1] * 5, [1] * 8, [1] * 12])
+    assert out == {"overlong": [0.0, -0.5, -1.0], "think": [1.0, 0.0, 0.0]}  # (6 - 8) / 4 = -0.5
+
+
 def test_numbers_of_any_kind_are_accepted():
     import numpy as np
 
