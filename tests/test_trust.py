@@ -63,7 +63,9 @@ def test_every_field_is_validated_at_load(override, message, capsys):
 )
 def test_a_tracker_without_its_package_is_a_config_error(monkeypatch, capsys, override, package):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
+    )
     with pytest.raises(ConfigError, match=rf"train\.report_to: '{package}' needs the {package} package"):
         load_config(None, [override])
     assert cli_main(["train", "--tiny", "--set", override]) == 2
