@@ -19,10 +19,26 @@ raises :class:`CheckpointError` naming the file that is missing, truncated or co
 copy cut short). :func:`find_resumable` walks a run's checkpoints from the newest and resumes from the newest
 intact one, logging each broken one it skips.
 
-Why not ``accelerate``'s ``save_state`` / ``load_state``: they save the whole model (here the trainable
-parameters alone: the LoRA adapter is megabytes, the base model gigabytes), write in place (a crash mid-save
-leaves a checkpoint that loads half-written), and restore every rank's RNG from its own file while the sampler,
-reference/EMA state and run configuration would still need files of their own.
+Why not ``accelerate``'s ``save_state`` / ``load_state`` (checked against accelerate 1.15's source). They do save
+what a run needs: each prepared model's ``state_dict`` in safetensors, optimizers, schedulers and the grad
+scaler, each process's RNG states (``random_states_<rank>.pkl``), and any object registered with
+``register_for_checkpointing`` (the sampler and the EMA reference could be). What this module adds:
+
+- only the trainable parameters: ``save_state`` writes the whole ``state_dict``, for a LoRA run the frozen base
+  model (gigabytes) beside the adapter (megabytes), unless a ``register_save_state_pre_hook`` filters it and
+  ``load_state`` is told ``strict=False``;
+- atomic saves: ``save_state`` writes into the final directory file by file, and with ``total_limit`` deletes
+  the oldest checkpoints before the new one is complete, so a crash mid-save can leave a half-written newest
+  checkpoint and fewer intact ones; here a checkpoint is renamed into place whole and pruning comes after;
+- checked loads: ``load_state`` applies each file as it reads it (a truncated optimizer file fails after the
+  weights were loaded), has no fallback to an older checkpoint, and skips RNG states it cannot read with a log
+  line at info level (the resumed run is then silently not exact); here every file is read and checked first,
+  a broken checkpoint is named and the newest intact one is used;
+- the run configuration (``config.yaml``, compared with the resumed configuration) and the world size the RNG
+  states belong to (a different process count is an error, not a partial restore).
+
+What accelerate has that this does not: sharded FSDP / DeepSpeed states (``save_state`` gathers or shards
+them); here the trainable parameters are taken from the main process's module, which holds them whole under DDP.
 """
 
 from __future__ import annotations

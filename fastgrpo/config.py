@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import math
 import types
 import typing
@@ -36,6 +37,8 @@ import yaml
 
 from ._schema import ConfigError, build_dataclass, unknown_key
 from .ops.grpo_loss import LossConfig as OpLossConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError",
@@ -59,6 +62,8 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "save_config",
+    "SCHEDULERS",
+    "TRACKERS",
 ]
 
 
@@ -232,15 +237,45 @@ class LossConfig(OpLossConfig):
     mask_truncated: bool = False
 
 
+#: ``optim.scheduler`` names: transformers' ``SchedulerType`` (TRL's ``lr_scheduler_type``) but the two that step on
+#: a metric (``reduce_lr_on_plateau``, ``greedy``)
+Scheduler = Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
+                    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"]  # fmt: skip
+SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
+
+
 @dataclass
 class OptimConfig:
+    """The optimizer and its learning-rate schedule.
+
+    ``scheduler``: a ``transformers.get_scheduler`` name (TRL's ``lr_scheduler_type``, :data:`SCHEDULERS`) over
+    ``train.steps * train.num_iterations`` optimizer steps, the first ``warmup_steps`` of them rising linearly
+    from 0; ``scheduler_kwargs``: its extra arguments (TRL's ``lr_scheduler_kwargs``, e.g. ``{min_lr_rate: 0.1}``
+    for ``cosine_with_min_lr``). ``constant`` with ``warmup_steps > 0`` warms up (``constant_with_warmup``;
+    transformers' ``constant`` would ignore the warmup).
+    """
+
     name: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    scheduler: Scheduler = "constant"
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 0
+
+    def build_scheduler(self, optimizer: Any, total_steps: int) -> Any:
+        """The ``transformers.get_scheduler`` schedule of ``optimizer`` over ``total_steps`` optimizer steps
+        (a ``LambdaLR``: its ``state_dict`` restores it exactly)."""
+        from transformers import get_scheduler
+
+        name = (
+            "constant_with_warmup"
+            if self.scheduler == "constant" and self.warmup_steps > 0
+            else self.scheduler
+        )
+        return get_scheduler(name, optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=total_steps,
+                             scheduler_specific_kwargs=dict(self.scheduler_kwargs))  # fmt: skip
 
 
 @dataclass
@@ -276,6 +311,10 @@ class FilterConfig:
     metric: str = "accuracy"
 
 
+#: ``train.report_to`` names and the package each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
 @dataclass
 class TrainConfig:
     """The loop: ``steps`` training steps of ``num_iterations`` optimizer steps each on micro-batches of at most
@@ -284,7 +323,12 @@ class TrainConfig:
     ``eval_prompts`` prompts every ``eval_every`` steps; a step whose gradient is not finite is skipped, and
     ``max_skipped_steps`` such steps in a row stop the run. After ``signal_check_steps`` steps (0: never) a
     warning says when nearly every group had identical rewards or almost no completion held a scoreable answer
-    (:class:`fastgrpo.observability.LearningSignalGuard`)."""
+    (:class:`fastgrpo.observability.LearningSignalGuard`).
+
+    ``report_to``: experiment trackers as transformers and TRL spell them (:data:`TRACKERS`; a name or a list,
+    ``all`` for every installed one, ``none``), fed through accelerate's tracker integration under the project
+    ``project`` with the run directory's name as the run name; ``metrics.jsonl`` is written whatever this says.
+    ``tensorboard``: deprecated, ``true`` adds ``tensorboard`` to ``report_to``."""
 
     steps: int = 60
     num_iterations: int = 1
@@ -298,6 +342,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_prompts: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    report_to: list[str] | str = "none"
+    project: str = "fastgrpo"
     tensorboard: bool = False
     progress: bool = True
     plot: bool = True
@@ -305,6 +351,26 @@ class TrainConfig:
     time_budget_s: float = 0.0
     max_skipped_steps: int = 5
     signal_check_steps: int = 5
+
+    def trackers(self) -> list[str]:
+        """``report_to`` as a list of tracker names (``all``: every installed one; ``tensorboard=true`` adds
+        ``tensorboard``). Raises :class:`ConfigError` for an unknown name or a tracker whose package is missing."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        names = [n.strip().lower() for n in names]
+        if "all" in names:
+            return [t for t, pkg in TRACKERS.items() if importlib.util.find_spec(pkg) is not None]
+        out = []
+        for n in [*names, *(["tensorboard"] if self.tensorboard else [])]:
+            if n == "none" or n in out:
+                continue
+            if n not in TRACKERS:
+                raise ConfigError(f"train.report_to: {n!r} is not one of {[*TRACKERS, 'all', 'none']}")
+            if importlib.util.find_spec(TRACKERS[n]) is None:
+                raise ConfigError(
+                    f"train.report_to: {n!r} needs the {TRACKERS[n]} package (pip install {TRACKERS[n]})"
+                )
+            out.append(n)
+        return out
 
 
 @dataclass
@@ -379,8 +445,21 @@ class Config:
                         f"rewards.{i}.name: {term.name!r} compares completions with the gold answer, but "
                         "task.answer_field is null (the dataset has no answers); drop the reward or name the column"
                     )
-        if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("train.tensorboard: needs the tensorboard package (pip install tensorboard)")
+        if self.train.tensorboard:
+            logger.warning(
+                "train.tensorboard is deprecated: use train.report_to=tensorboard (as in transformers / TRL)"
+            )
+        self.train.trackers()
+        o = self.optim
+        if o.scheduler not in ("constant", "linear", "cosine") or o.scheduler_kwargs:
+            import torch  # a schedule with extra arguments is built once on a dummy optimizer to check them
+
+            try:
+                o.build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 2)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(
+                    f"optim.scheduler_kwargs: {o.scheduler!r} with {o.scheduler_kwargs}: {e}"
+                ) from None
         _check_schemes(self)
         return self
 
@@ -629,6 +708,8 @@ RESUMABLE_KEYS = (
     "train.eval_every",
     "train.eval_prompts",
     "train.tensorboard",
+    "train.report_to",
+    "train.project",
     "train.progress",
     "train.plot",
     "train.log_completions",

@@ -1,10 +1,16 @@
-"""What a run shows: per-step metrics JSONL, optional TensorBoard, phase timers, peak memory, the end-of-run
+"""What a run shows: per-step metrics JSONL, experiment trackers, phase timers, peak memory, the end-of-run
 plot and the summary line.
 
 ``metrics.jsonl`` has one JSON object per step with (among others) ``step``, ``reward``, ``kl``,
 ``entropy``, ``clip_frac`` (low + high), ``completion_len``, ``tokens_per_s`` and the time split
 ``time/generation``, ``time/reference``, ``time/policy`` (forward + backward), ``time/optimizer``,
-``time/step`` in seconds, plus ``peak_mem_mb`` (CUDA allocator peak on GPU, process max RSS on CPU).
+``time/step`` in seconds, plus ``peak_mem_mb`` (CUDA allocator peak on GPU, process max RSS on CPU), the reward
+terms (``reward/<term>``), what reward functions logged, and the schemes' own statistics under their prefixes
+(``care/``, ``copo/``, ``prm/``, ``vas/``, ``curriculum/``, ``filter/``, ``adv/``).
+
+Trackers (``train.report_to``: TensorBoard, Weights & Biases, MLflow, Trackio) are accelerate's
+(:func:`start_trackers`, ``Accelerator.log``): they get the configuration once and every numeric metric per step;
+``metrics.jsonl`` is written in any case and is what :func:`plot_run` and ``fastgrpo plot`` read.
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ __all__ = [
     "plot_run",
     "reward_summary",
     "PLOT_KEYS",
+    "SCHEME_PREFIXES",
+    "plot_panels",
     "LearningSignalGuard",
+    "start_trackers",
 ]
 
-# (metric key, panel title) of the end-of-run plot
+# (metric key, panel title) of the end-of-run plot's fixed panels
 PLOT_KEYS = (
     ("reward", "mean reward"),
     ("kl", "KL to reference"),
@@ -43,6 +52,8 @@ PLOT_KEYS = (
     ("clip_frac", "clip fraction"),
     ("completion_len", "response length (tokens)"),
 )
+#: prefixes of the schemes' own metrics: each one a run logs gets a panel of its own
+SCHEME_PREFIXES = ("care/", "copo/", "prm/", "vas/", "curriculum/", "filter/", "adv/")
 
 
 class PhaseTimer:
@@ -86,14 +97,43 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted key: scalar}`` (lists and empty mappings as strings): what every tracker's
+    hyper-parameter store accepts (TensorBoard's ``add_hparams`` takes scalars only)."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        return out
+    if data is None or isinstance(data, (bool, int, float, str)):
+        return {prefix[:-1]: data}
+    return {prefix[:-1]: str(data)}
+
+
+def start_trackers(accelerator: Any, run_dir: str | Path, *, project: str, config: dict[str, Any]) -> None:
+    """Start the experiment trackers an ``Accelerator`` was built with (``log_with``): accelerate's
+    ``init_trackers`` under ``project``, the run directory's name as the run name, the flattened ``config`` as
+    the run's hyper-parameters. TensorBoard writes under ``run_dir/tensorboard/<project>``; W&B, MLflow and
+    Trackio where their own settings (environment variables such as ``WANDB_MODE``, ``MLFLOW_TRACKING_URI``,
+    ``TRACKIO_DIR``) say. Main process only (accelerate's rule)."""
+    run_dir = Path(run_dir)
+    # the Accelerator exists before the run directory is named: point its logging directory at it now
+    accelerator.project_configuration.logging_dir = str(run_dir / "tensorboard")
+    name = run_dir.name
+    accelerator.init_trackers(project, config=_flat_config(config),
+                              init_kwargs={"wandb": {"name": name, "dir": str(run_dir)}, "mlflow": {"run_name": name},
+                                           "trackio": {"name": name}})  # fmt: skip
+
+
 class MetricsLogger:
-    """Appends one JSON line per step to ``run_dir/metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends one JSON line per step to ``run_dir/metrics.jsonl`` and sends its numbers to the experiment
+    trackers of ``accelerator`` (set it after :func:`start_trackers`).
 
     ``resume_step``: when resuming, lines of steps after it (written after the checkpoint) are dropped so the
     file reads exactly like an uninterrupted run's.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, accelerator: Any = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -101,29 +141,23 @@ class MetricsLogger:
         elif self.path.exists():
             keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError(
-                    "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
-                ) from e
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.accelerator = accelerator
 
     def log(self, metrics: dict[str, Any]) -> None:
         row = {k: _clean(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            step = int(row.get("step", 0))
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(k, v, step)
+        if self.accelerator is not None:
+            numbers = {k: v for k, v in row.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+            self.accelerator.log(numbers, step=int(row.get("step", 0)))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Finish the trackers (not ``Accelerator.end_training``: that also ends the process group)."""
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -162,10 +196,28 @@ def reward_summary(rows: list[dict[str, Any]], window: int = 10, key: str = "rew
     return {"first": first, "last": last, "gain": last - first, "window": w}
 
 
+def plot_panels(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[str, ...]]]:
+    """The plot's panels, ``(title, metric keys)``: the fixed :data:`PLOT_KEYS`, then the reward terms together
+    (when there are several), then every scheme metric (:data:`SCHEME_PREFIXES`) the run logged, in first-seen
+    order."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if v is not None and not isinstance(v, bool) and isinstance(v, (int, float)):
+                seen.setdefault(k)
+    panels = [(title, (key,)) for key, title in PLOT_KEYS]
+    terms = tuple(k for k in seen if k.startswith("reward/"))
+    if len(terms) > 1:
+        panels.append(("reward terms", terms))
+    panels += [(k, (k,)) for k in seen if k.startswith(SCHEME_PREFIXES)]
+    return panels
+
+
 def plot_run(
     run_dir: str | Path, out: str | Path | None = None, rows: list[dict[str, Any]] | None = None
 ) -> Path:
-    """Plot reward, KL, entropy, clip fraction and response length over steps into a PNG; return its path.
+    """Plot reward, KL, entropy, clip fraction and response length over steps, then the reward terms and the
+    schemes' metrics the run logged (:func:`plot_panels`), into a PNG; return its path.
 
     ``rows``: the run's metrics when already read (:func:`read_metrics`)."""
     try:
@@ -179,24 +231,33 @@ def plot_run(
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir) if rows is None else rows
     out = Path(out) if out is not None else run_dir / "plot.png"
-    fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4 * len(PLOT_KEYS), 3.2))
-    for ax, (key, title) in zip(axes, PLOT_KEYS):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
+    panels = plot_panels(rows)
+    ncols = min(len(PLOT_KEYS), len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+            if not pts:
+                continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, lw=1, alpha=0.5 if len(pts) > 10 else 1.0)
+            label = key[len("reward/") :] if len(keys) > 1 else None
+            line = ax.plot(xs, ys, lw=1, alpha=0.5 if len(pts) > 10 else 1.0, label=label)[0]
             if len(pts) > 10:  # a 10-step moving average makes the trend readable over sampling noise
                 smooth = [
                     sum(ys[max(0, i - 9) : i + 1]) / len(ys[max(0, i - 9) : i + 1]) for i in range(len(ys))
                 ]
-                ax.plot(xs, smooth, lw=2)
-        if key == "reward" and any(r.get("eval/accuracy") is not None for r in rows):
+                ax.plot(xs, smooth, lw=2, color=line.get_color())
+        if keys == ("reward",) and any(r.get("eval/accuracy") is not None for r in rows):
             ev = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
             ax.plot(*zip(*ev), "o--", label="eval accuracy")
+        if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

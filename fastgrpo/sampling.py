@@ -160,6 +160,18 @@ class CurriculumSampler(Sampler[int]):
             yield i
         self._position = 0
 
+    def metrics(self) -> dict[str, float]:
+        """For the step's log: ``curriculum/stage``, the stage (0-based) of the index drawn last (nothing for a
+        single stage: a plain shuffle)."""
+        if len(self.stages) < 2:
+            return {}
+        last, end = max(self._position - 1, 0), 0
+        for s, idx in enumerate(self.stages):
+            end += len(idx)
+            if last < end:
+                return {"curriculum/stage": float(s)}
+        return {"curriculum/stage": float(len(self.stages) - 1)}
+
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "position": self._position}
 
@@ -271,6 +283,11 @@ class PerformanceGatedCurriculumSampler(Sampler[int]):
             self._drawn += 1
             yield i
         self._drawn = 0
+
+    def metrics(self) -> dict[str, float | None]:
+        """For the step's log: ``curriculum/stage`` (0-based) and ``curriculum/stage_mean_reward``, the mean of
+        the recent rewards the gate compares with ``threshold``."""
+        return {"curriculum/stage": float(self.stage), "curriculum/stage_mean_reward": self.stage_mean_reward}
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -56,13 +56,14 @@ from .observability import (
     plot_run,
     read_metrics,
     reward_summary,
+    start_trackers,
 )
 from .ops import accumulation_weight, grpo_loss
 from .packing import MicroBatch, PackedBatch, lm_head_of, pack_micro_batches, packed_forward, packed_logprobs
 from .rewards.outcome import extract_answer
 from .rewards.registry import build_scheme
 from .rewards.shaping import AdvantagePipeline, RolloutGroups
-from .rewards.terms import RewardTerms, register_reward
+from .rewards.terms import RewardTerms, register_reward, trl_columns
 from .rollout import SamplingParams, generate_rollouts
 from .sampling import (
     REWARDMAP_STAGES,
@@ -99,7 +100,9 @@ class _HiddenStates(nn.Module):
 
 
 def make_accelerator(cfg: Config) -> Any:
-    """``Accelerator(cpu=True)`` without a GPU (the only CPU form that really runs several processes)."""
+    """``Accelerator(cpu=True)`` without a GPU (the only CPU form that really runs several processes), with the
+    run's experiment trackers (``train.report_to``; started with the run directory by
+    :func:`fastgrpo.observability.start_trackers`)."""
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
@@ -110,7 +113,10 @@ def make_accelerator(cfg: Config) -> Any:
         logger.warning("train.mixed_precision=bf16 needs a GPU here; running in fp32")
         mp = "no"
     # "no" is passed as None: the default, and compatible with an AcceleratorState another library created
-    accel = Accelerator(cpu=not cuda, mixed_precision=None if mp == "no" else mp)
+    # the tensorboard tracker needs a logging directory: the runs' root until the run directory is named
+    trackers = cfg.train.trackers()
+    accel = Accelerator(cpu=not cuda, mixed_precision=None if mp == "no" else mp, log_with=trackers or None,
+                        project_dir=cfg.train.output_dir if trackers else None)  # fmt: skip
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accel.num_processes != expected:
         raise RuntimeError(
@@ -165,6 +171,17 @@ class RunResult:
         return line
 
 
+def _progress_fields(metrics: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's fields: reward, KL (only when the loss has a KL term), entropy, clip fraction,
+    throughput."""
+    out = {"reward": f"{metrics['reward']:.3f}"}
+    if metrics.get("kl") is not None:
+        out["kl"] = f"{metrics['kl']:.4f}"
+    out.update(ent=f"{metrics['entropy']:.3f}", clip=f"{metrics['clip_frac']:.3f}",
+               tok_s=f"{metrics['tokens_per_s']:.0f}")  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------------------
@@ -214,7 +231,8 @@ class Trainer:
                 task.check_rewards([t.name for t in cfg.rewards])
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.rewards = RewardTerms([(t.name, t.weight, t.params) for t in cfg.rewards])
+        columns = list(trl_columns(self.train_set[0])) if len(self.train_set) else None
+        self.rewards = RewardTerms([(t.name, t.weight, t.params) for t in cfg.rewards], columns=columns)
         if cfg.advantage.care.enabled and cfg.advantage.care.accuracy_term not in self.rewards.names:
             raise ConfigError(
                 f"advantage.care.accuracy_term: no reward term named {cfg.advantage.care.accuracy_term!r}"
@@ -265,7 +283,7 @@ class Trainer:
         # -- optimisation ---------------------------------------------------------------------------------
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer(params)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.scheduler = cfg.optim.build_scheduler(self.optimizer, cfg.train.steps * cfg.train.num_iterations)
         self.policy, self.optimizer = accel.prepare(_HiddenStates(model), self.optimizer)
         self.params = params
 
@@ -288,9 +306,15 @@ class Trainer:
             if ckpt is None or changes:
                 for key, (old, new) in changes.items():
                     logger.warning("resume: %s changed from %r to %r (config.yaml updated)", key, old, new)
+                if "train.steps" in changes and "constant" not in cfg.optim.scheduler:
+                    logger.warning("resume: the %s learning-rate schedule now spans %d steps; its next values differ "
+                                   "from the interrupted run's", cfg.optim.scheduler, cfg.train.steps)  # fmt: skip
                 (self.run_dir / "config.yaml").write_text(self._config_text())
-            self.metrics_log = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard,
-                                             resume_step=self.step if ckpt is not None else None)  # fmt: skip
+            resume_step = self.step if ckpt is not None else None
+            self.metrics_log = MetricsLogger(self.run_dir, resume_step=resume_step)
+            if accel.log_with:
+                start_trackers(accel, self.run_dir, project=cfg.train.project, config=config_to_dict(cfg))
+                self.metrics_log.accelerator = accel
         self._stop_requested = False
         self.stop_reason: str | None = None
         self.signal_guard = LearningSignalGuard(cfg.train.signal_check_steps)
@@ -330,17 +354,6 @@ class Trainer:
 
             return load_bnb().optim.AdamW8bit(params, **kw)
         return torch.optim.AdamW(params, **kw)
-
-    def _lr_lambda(self, step: int) -> float:
-        o, total = self.cfg.optim, self.cfg.train.steps * self.cfg.train.num_iterations
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        frac = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-        if o.scheduler == "linear":
-            return max(0.0, 1.0 - frac)
-        if o.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
 
     def _build_sampler(self) -> Any:
         s, n, seed = self.cfg.sampler, len(self.train_set), self.cfg.train.seed
@@ -433,6 +446,16 @@ class Trainer:
         kw.update(overrides)
         return SamplingParams(**kw)
 
+    def _trainer_state(self) -> Any:
+        """What TRL-style reward functions get as ``trainer_state``: a ``transformers.TrainerState`` counting
+        optimizer steps as TRL does (``num_iterations`` per training step); None when no term takes it."""
+        if not self.rewards.has_batched:
+            return None
+        from transformers import TrainerState
+
+        n = self.cfg.train.num_iterations
+        return TrainerState(global_step=self.step * n, max_steps=self.cfg.train.steps * n)
+
     def _seed(self, *parts: int) -> int:
         # explicit per-(step, round, rank) sampling seeds: generation does not depend on global RNG history
         h = self.cfg.train.seed
@@ -445,13 +468,18 @@ class Trainer:
     def _generate_and_score(self, indices: list[int], seed: int) -> RolloutGroups:
         """This rank generates its share of ``indices``; the scored completions of all ranks are gathered."""
         mine = indices[self.rank :: self.world]
-        ro, vision = self._rollouts([self.train_set[i] for i in mine], self._sampling(seed))
+        chosen = [self.train_set[i] for i in mine]
+        ro, vision = self._rollouts(chosen, self._sampling(seed))
         prompts, completions, g = ro.prompts(), ro.completions(), ro.num_generations
+        examples = [chosen[j // g] for j in range(len(completions))]
+        scores = self.rewards.score_lists(
+            ro.texts, examples, completions, trainer_state=self._trainer_state()
+        )
         rows = []
         for j, (p, c, text, trunc) in enumerate(zip(prompts, completions, ro.texts, ro.truncated.tolist())):
-            ex_i = mine[j // g]
-            score = self.rewards.score(text, self.train_set[ex_i], len(c))
-            rows.append((ex_i, p, c, text, bool(trunc), score, None if vision is None else vision[j // g]))
+            score = {name: v[j] for name, v in scores.items()}
+            vis = None if vision is None else vision[j // g]
+            rows.append((mine[j // g], p, c, text, bool(trunc), score, vis))
         rows = self._gather(rows)
         return RolloutGroups(
             example=[r[0] for r in rows],
@@ -477,8 +505,13 @@ class Trainer:
                 self.stream.next(P), self._seed(self.step, buf.num_gen_batches, self.rank)
             )
             metric = self.cfg.filter.metric
-            buf.add(self.rewards.total(last.terms) if metric == "reward" else last.terms[metric], G,
-                    fields=last.columns())  # fmt: skip
+            values = self.rewards.total(last.terms) if metric == "reward" else last.terms[metric]
+            if bool(values.isnan().any()):
+                raise ValueError(
+                    f"filter.metric: the reward {metric!r} returned None for some completions, so their groups' "
+                    "spread is undefined; filter on filter.metric=reward (the total) instead"
+                )
+            buf.add(values, G, fields=last.columns())
         rounds, dropped = buf.num_gen_batches, buf.num_dropped
         if buf.num_groups == 0:  # nothing with spread: train on the last batch (zero advantages)
             logger.warning("dynamic sampling kept no group in %d rounds; using the last batch", rounds)
@@ -573,8 +606,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         self._count_skipped(skipped)
 
-        # 5. after the update: sampler feedback
+        # 5. after the update: sampler feedback; a sampler's own statistics join the step's metrics
         self.stream.observe(groups.example[::G], reward.view(-1, G).mean(1))
+        if callable(sampler_metrics := getattr(self.stream.sampler, "metrics", None)):
+            extra.update(sampler_metrics())
         self.step += 1
 
         # 6. metrics
@@ -586,7 +621,7 @@ class Trainer:
             "step": self.step,
             "reward": float(reward.mean()),
             "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,
-            **{f"reward/{k}": float(v.mean()) for k, v in groups.terms.items()},
+            **{f"reward/{k}": v for k, v in self.rewards.means(groups.terms).items()},
             "zero_std_groups": std_zero,
             "answer_rate": sum(extract_answer(t) is not None for t in groups.texts) / groups.size,
             **stats,
@@ -602,8 +637,9 @@ class Trainer:
             "time/step": wall,
             "peak_mem_mb": peak_memory_mb(self.device),
             **extra,
+            **self.rewards.pop_metrics(),  # what reward functions logged (TRL's log_metric)
         }
-        self._last_batch = groups
+        self._last_batch, self._last_adv = groups, adv
         return metrics
 
     def _grad_norm(self) -> float:
@@ -725,9 +761,7 @@ class Trainer:
                     self.signal_guard.update(metrics)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl'] or 0:.4f}",
-                                    ent=f"{metrics['entropy']:.3f}", clip=f"{metrics['clip_frac']:.3f}",
-                                    tok_s=f"{metrics['tokens_per_s']:.0f}")  # fmt: skip
+                    bar.set_postfix(_progress_fields(metrics))
                 for cb in self.callbacks:
                     cb(self, metrics)
                 periodic = cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0
@@ -777,11 +811,28 @@ class Trainer:
             self.metrics_log.log(metrics)
         n = self.cfg.train.log_completions
         if n and self.is_main and getattr(self, "_last_batch", None) is not None and "reward" in metrics:
-            b = self._last_batch
             with open(self.run_dir / "completions.jsonl", "a") as f:
-                for i in range(min(n, b.size)):
-                    f.write(json.dumps({"step": metrics["step"], "answer": self.train_set[b.example[i]].answer,
-                                        "completion": b.texts[i]}) + "\n")  # fmt: skip
+                for i in range(min(n, self._last_batch.size)):
+                    f.write(json.dumps(self._completion_record(metrics["step"], i)) + "\n")
+
+    def _completion_record(self, step: int, i: int) -> dict[str, Any]:
+        """One line of ``completions.jsonl``: completion ``i`` of the last step with its prompt (the example's
+        index in the training set and its last turn), every reward term (null: not applicable), the total
+        reward after reward shaping and the advantage (COPO: the global one, the local one and the blend
+        weight; PRM: the mean of the token advantages too)."""
+        b, adv = self._last_batch, self._last_adv
+        ex = b.examples[i]
+        value = lambda x: None if math.isnan(x := float(x)) else x
+        rec = {"step": step, "example": b.example[i], "prompt": ex.question, "answer": ex.answer,
+               "completion": b.texts[i], "completion_len": len(b.completion_ids[i]),
+               "truncated": bool(b.truncated[i]), "rewards": {k: value(v[i]) for k, v in b.terms.items()},
+               "reward": value(adv.rewards[i]), "advantage": value(adv.values[i])}  # fmt: skip
+        if adv.local is not None:
+            rec.update(advantage_local=value(adv.local[i]), blend=value(adv.blend[i]))
+        if adv.per_token is not None:
+            tok = adv.per_token[i]
+            rec["advantage_token_mean"] = value(tok.float().mean()) if len(tok) else None
+        return rec
 
     def _install_signal_handlers(self) -> dict:
         def handler(signum, frame):
@@ -811,14 +862,17 @@ class Trainer:
         for s in range(0, len(mine), 32):
             chunk = [examples[i] for i in mine[s : s + 32]]
             ro, _ = self._rollouts(chunk, self._sampling(0, num_generations=1, do_sample=False))
-            for e, text, c in zip(chunk, ro.texts, ro.completions()):
-                rows.append(self.rewards.score(text, e, len(c)))
+            state = self._trainer_state()
+            scores = self.rewards.score_lists(ro.texts, chunk, ro.completions(), trainer_state=state)
+            rows += [{name: v[j] for name, v in scores.items()} for j in range(len(chunk))]
         rows = self._gather(rows)
-        key = self.rewards.accuracy_term
+        # a completion the accuracy term does not apply to (None) does not count
+        accuracy = [a for r in rows if not math.isnan(a := r[self.rewards.accuracy_term])]
         reward = [self.rewards.total(r) for r in rows]
         return {
-            "eval/accuracy": sum(r[key] for r in rows) / len(rows),
+            "eval/accuracy": sum(accuracy) / len(accuracy) if accuracy else None,
             "eval/reward": sum(reward) / len(rows),
+            **{f"eval/{k}": v for k, v in self.rewards.pop_metrics().items()},
         }
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -863,7 +917,7 @@ class Trainer:
         the sampling seed depends on the step only)."""
         s = self.cfg.sampler
         vps = build_scheme({"name": "mmr1_vps", "params": {"pad_id": None, **s.vps}})
-        acc_fn = self.rewards.fns[self.rewards.accuracy_term]
+        acc = self.rewards.accuracy_term
         accs, responses = [], []
         for start in range(0, len(self.train_set), 16):
             chunk = self.train_set[start : start + 16]
@@ -871,9 +925,11 @@ class Trainer:
                                                          num_generations=s.refresh_generations))  # fmt: skip
             n = s.refresh_generations
             comps = ro.completions()
-            for j, e in enumerate(chunk):
+            scores = self.rewards.score_lists(ro.texts, [e for e in chunk for _ in range(n)], comps,
+                                              trainer_state=self._trainer_state(), names=[acc])[acc]  # fmt: skip
+            for j in range(len(chunk)):
                 rows = range(j * n, (j + 1) * n)
-                accs.append([float(acc_fn(ro.texts[r], e, len(comps[r])) > 0) for r in rows])
+                accs.append([float(scores[r] > 0) for r in rows])
                 responses.append([comps[r] for r in rows])
         return vps(torch.tensor(accs), responses)
 
@@ -893,6 +949,7 @@ def evaluate_run(cfg: Config, *, run_dir: str | Path | None = None, checkpoint: 
                  num: int | None = None) -> dict[str, float]:  # fmt: skip
     """Greedy held-out accuracy of a model (``cfg.model``), or of a run's checkpoint."""
     source = checkpoint or run_dir
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False, tensorboard=False))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False, tensorboard=False,
+                                                             report_to="none"))  # fmt: skip
     trainer = Trainer(cfg, resume=source, write_run=False)
     return {"step": trainer.step, **trainer.evaluate(num)}

@@ -51,15 +51,32 @@ def test_every_field_is_validated_at_load(override, message, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("fastgrpo train: error: ")
 
 
-def test_tensorboard_without_the_package_is_a_config_error(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "override, package",
+    [
+        ("train.report_to=tensorboard", "tensorboard"),
+        ("train.report_to=[none, wandb]", "wandb"),
+        ("train.report_to=mlflow", "mlflow"),
+        ("train.report_to=trackio", "trackio"),
+        ("train.tensorboard=true", "tensorboard"),  # the deprecated key
+    ],
+)
+def test_a_tracker_without_its_package_is_a_config_error(monkeypatch, capsys, override, package):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
     )
-    with pytest.raises(ConfigError, match=r"train\.tensorboard: needs the tensorboard package"):
-        load_config(None, ["train.tensorboard=true"])
-    assert cli_main(["train", "--tiny", "--set", "train.tensorboard=true"]) == 2
-    assert "pip install tensorboard" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=rf"train\.report_to: '{package}' needs the {package} package"):
+        load_config(None, [override])
+    assert cli_main(["train", "--tiny", "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pip install {package}" in err[0]
+
+
+def test_an_unknown_tracker_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train\.report_to: 'tensorbord' is not one of"):
+        load_config(None, ["train.report_to=tensorbord"])
+    assert load_config(None, ["train.report_to=none"]).train.trackers() == []
 
 
 def test_a_tokenizer_without_chat_template_is_refused(monkeypatch, tmp_path):

@@ -34,6 +34,10 @@ class Example:
     format: ``{"type": "text", "text": ...}``, ``{"type": "image"}``, ``{"type": "video"}``. ``images`` and
     ``videos`` hold the media of the ``image`` / ``video`` parts in the order they appear in the messages
     (an image: a PIL image, a file path or bytes; a video: a list of frames or a file path).
+
+    An example built from a dataset row also keeps what TRL-style reward functions receive
+    (:mod:`fastgrpo.rewards.terms`): ``raw_prompt``, the prompt as the dataset holds it (a string, or chat
+    messages), and ``columns``, the row's other columns as they are. Both are None for built-in tasks.
     """
 
     messages: list[dict[str, Any]]
@@ -41,6 +45,8 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
     images: list[Any] = field(default_factory=list)
     videos: list[Any] = field(default_factory=list)
+    raw_prompt: Any = None
+    columns: dict[str, Any] | None = None
 
     @property
     def question(self) -> str:

@@ -245,7 +245,11 @@ class DatasetTask(Task):
         meta = {k: v for k, v in row.items() if k not in skip}
         meta.setdefault("answer_type", "auto")
         media = {k: _as_list(row.get(k)) for k in _MEDIA_FIELDS}
-        return Example(messages, answer, meta, images=media["images"], videos=media["videos"])
+        # TRL-style rewards get the row as TRL hands it over: every column but the prompt, unchanged
+        skip_trl = (self.prompt_field, "completion", "completion_ids")
+        columns = {k: v for k, v in row.items() if k not in skip_trl}
+        return Example(messages, answer, meta, images=media["images"], videos=media["videos"], raw_prompt=prompt,
+                       columns=columns)  # fmt: skip
 
     def make(self, rng: random.Random) -> Example:
         i = rng.randrange(len(self.rows))
