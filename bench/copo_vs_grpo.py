@@ -10,11 +10,14 @@ accuracy reward) with one change per mode, the same steps and seeds::
 
 Per run: greedy held-out accuracy before training and after the last step (``train.eval_prompts`` prompts of the
 task's held-out split), the mean reward of the last 5 steps, and over all steps the mean share of completions
-with a non-zero advantage (``adv/nonzero``) and of wrong completions pushed up (``adv/wrong_positive``). Runs go
+with a non-zero advantage (``adv/nonzero``) and of wrong completions pushed up (``adv/wrong_positive``), and the
+policy's mean token entropy and the share of completions with a scoreable answer over the last 5 steps. Runs go
 one after another (a finished run is read back from ``--out``'s JSONL and not repeated), then the table (mean
-and sample std over seeds, and every seed) is written as markdown::
+and sample std over seeds, and every seed) is written as markdown (run it with ``OMP_NUM_THREADS=1`` on a shared
+CPU: under contention one thread generated 5x faster than two)::
 
-    python -m bench.copo_vs_grpo --steps 30 --seeds 0,1,2 --eval-prompts 64 --out bench/results/copo_vs_grpo
+    python -m bench.copo_vs_grpo --steps 12 --seeds 0,1,2 --eval-prompts 32 \
+        --modes grpo,copo-batch,copo-running,copo-running-forced --out /tmp/copo_bench   # the docs' table
     python -m bench.copo_vs_grpo --tiny --steps 2 --seeds 0 --out /tmp/copo   # seconds: the plumbing only
 """
 
@@ -51,6 +54,8 @@ COLUMNS = [
     ("reward_last5", "reward, last 5 steps"),
     ("nonzero", "non-zero adv. share"),
     ("wrong_positive", "wrong answers pushed up"),
+    ("entropy_last5", "policy entropy, last 5 steps"),
+    ("answer_rate_last5", "answer rate, last 5 steps"),
 ]
 
 logger = logging.getLogger("bench.copo_vs_grpo")
@@ -81,19 +86,23 @@ def run_one(mode: str, seed: int, args: argparse.Namespace) -> dict:
     shutil.rmtree(args.out / "runs" / f"{mode}-seed{seed}", ignore_errors=True)  # an interrupted earlier try
     t0 = time.perf_counter()
     res = train(cfg)
-    evals = dict(res.evals)
-    steps = [r for r in res.metrics if "reward" in r]
+    return {"mode": mode, "seed": seed, **summarise(res.metrics), "wall_s": time.perf_counter() - t0}
+
+
+def summarise(metrics: list[dict]) -> dict:
+    """A run's row from its per-step metrics (``RunResult.metrics`` / ``read_metrics(run_dir)``)."""
+    evals = {r["step"]: r["eval/accuracy"] for r in metrics if r.get("eval/accuracy") is not None}
+    steps = [r for r in metrics if "reward" in r]
     mean = lambda key, rows: statistics.fmean(r[key] for r in rows) if rows else float("nan")
     return {
-        "mode": mode,
-        "seed": seed,
         "steps": len(steps),
         "acc_before": evals.get(0, float("nan")),
         "acc_after": evals.get(len(steps), float("nan")),
         "reward_last5": mean("reward", steps[-5:]),
         "nonzero": mean("adv/nonzero", steps),
         "wrong_positive": mean("adv/wrong_positive", steps),
-        "wall_s": time.perf_counter() - t0,
+        "entropy_last5": mean("entropy", steps[-5:]),
+        "answer_rate_last5": mean("answer_rate", steps[-5:]),
     }
 
 

@@ -257,9 +257,11 @@ class CopoBlend(Stage):
             self._warned = True
             logger.warning(
                 "COPO standardises its global (prompt-level) reward over the %d prompts of each step (the paper: "
-                "512); over fewer than %d this statistic is mostly noise and wrong answers of above-average "
-                "prompts get positive advantages. Set advantage.copo.global_stats=running (statistics over the "
-                "last advantage.copo.stats_window prompts) or raise rollout.prompts_per_step.",
+                "512); over fewer than %d that statistic is mostly noise, and under the released soft-with-zero "
+                "gating the wrong answers of an above-average prompt are pushed up (metric adv/wrong_positive). "
+                "Raise rollout.prompts_per_step, or set advantage.copo.global_stats=running (statistics over "
+                "recent prompts, beyond the paper); at 4 prompts per step on the addition task neither learned "
+                "as much as plain GRPO (docs/schemes.md).",
                 num_prompts, self.FEW_PROMPTS,
             )  # fmt: skip
         answers = [extract_answer(t) for t in groups.texts]
