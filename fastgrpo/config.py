@@ -197,10 +197,25 @@ class CareConfig:
 @dataclass
 class CopoConfig:
     """COPO global/local advantage pair and entropy blend (``params``: the ``copo`` scheme's ``k``, ``b``,
-    ``gating``, ``use_entropy_coef``, ``eps``, ...). Answers are extracted from the completions."""
+    ``gating``, ``use_entropy_coef``, ``eps``, ...). Answers are extracted from the completions.
+
+    ``reward_term``: the reward term (binary correctness) that the global reward and the ``soft-with-zero``
+    gate read, as in the paper; the local advantage reads the weighted total (:mod:`fastgrpo.rewards.copo`).
+    ``global_stats``: ``batch`` standardises the global reward over the step's prompts (the paper, which has
+    512; warned about below 64), ``running`` over the step's prompts and the ``stats_window`` prompts before
+    them (beyond the paper; saved in checkpoints). The default is the paper's; ``configs/copo.yaml`` sets the
+    mode measured best at its 4 prompts per step (docs/schemes.md).
+    """
 
     enabled: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    reward_term: str = "accuracy"
+    global_stats: Literal["batch", "running"] = "batch"
+    stats_window: int = 64
+
+    def __post_init__(self) -> None:
+        if self.stats_window < 1:
+            raise ConfigError(f"advantage.copo.stats_window: must be >= 1 (prompts), got {self.stats_window}")
 
 
 @dataclass
@@ -513,6 +528,11 @@ def _check_schemes(cfg: Config) -> None:
         _check_params("advantage.care.confidence", "care_confidence", adv.care.confidence)
     if adv.copo.enabled:
         _check_params("advantage.copo.params", "copo", adv.copo.params)
+        if adv.copo.reward_term not in [t.name for t in cfg.rewards]:
+            raise ConfigError(
+                f"advantage.copo.reward_term: no reward term named {adv.copo.reward_term!r} (the terms are "
+                f"{[t.name for t in cfg.rewards]}); COPO's global reward reads the binary correctness term"
+            )
     if adv.prm.enabled:
         _check_params("advantage.prm.params", "grounded_prm", adv.prm.params)
     if adv.copo.enabled and adv.prm.enabled:

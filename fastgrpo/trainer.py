@@ -886,6 +886,7 @@ class Trainer:
             ema_shadow = ema.pop("shadow") if ema else None
             state = {"rng": rng, "sampler": self.stream.state_dict(), "reference": ref_state,
                      "world_size": self.world, "skipped_in_a_row": self.skipped_in_a_row}  # fmt: skip
+            state["advantages"] = self.advantages.state_dict()  # e.g. COPO's running statistics
             path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, ema_state=ema_shadow, state=state,
                                    config_text=self._config_text(), keep_last=self.cfg.train.keep_last)  # fmt: skip
@@ -903,6 +904,7 @@ class Trainer:
         self.step = self.saved_step = int(state["step"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         self.stream.load_state_dict(state["sampler"])
+        self.advantages.load_state_dict(state.get("advantages", {}))  # older checkpoints: stateless stages
         ref_state = state["reference"]
         if ref_state.get("ema") is not None:
             ref_state["ema"]["shadow"] = state["ema_state"]

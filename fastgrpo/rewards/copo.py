@@ -6,6 +6,7 @@ For a batch of ``G`` prompt groups with binary rewards ``r`` and extracted answe
     A_loc   = (r - mean_g r) / (std_u,g r + eps)                               eps = 1e-6 (verl)
     R_g     = mean_g r * c_g,   c_g = 1 - lambda H_g, lambda = (1 - 1/K)/log2 K   (c_g = 1 by default)
     A_glob  = (R_g - mean_G R) / (std_u,G R + eps)                              standardised over prompts
+              (with ``history``: mean and std over the earlier prompts' R and this batch's together)
     w_g     = sigmoid(k (H_g - b))                                              k = 5, b = 1 (released)
     w       = gating(w_g)        soft-with-zero: w_g * 1[r != 0]   (see fastgrpo.advantages.copo_gate)
     loss    = (1 - w) L(A_glob) + w L(A_loc)       one ratio; pass advantages=(A_glob, A_loc), blend=w
@@ -24,6 +25,24 @@ Differences from the official code (``verl/trainer/ppo/core_algos.py``, ``dp_act
 - ``only-soft-with-coef`` (official: the global loss term times ``global_loss_coef``) is produced by scaling
   ``A_glob`` by the coefficient; this is the same loss because the clipped (and dual-clipped) PPO loss is
   positively homogeneous in the advantage. ``global_loss_coef`` must be >= 0.
+
+Two reward inputs. The official code has a single binary reward ``r``. When a run also has format terms,
+``R_g`` and the ``soft-with-zero`` gate read the *correctness* reward (``accuracy``: the paper defines the
+prompt-level reward as the success rate and gates on "answer wrong"; a weighted total would count a
+well-formatted wrong answer as correct and leave it the local weight), while ``A_loc`` reads ``rewards``,
+the run's full reward: the local term is GRPO's group-relative advantage, which trains on every configured
+term, and with a single binary accuracy term both inputs are the same, as in the paper. Under the released
+gating a wrong answer is trained on ``A_glob`` alone, so format terms reach the loss only through correct
+completions and through the gatings that keep the local weight for wrong answers.
+
+Running statistics [beyond the paper]. The paper standardises ``R_g`` over the prompts of one rollout batch
+(512). Over a few prompts that statistic is noise: the z-scores of 4 values lie within ``+-1.5`` however
+little the rewards differ (a success rate of 0.17 among three 0s gets +1.5), a batch whose prompts all
+scored the same gets no global signal at all, and under the released gating each wrong answer of an
+above-average prompt is pushed up. With ``history`` (the ``R`` of recent prompts, kept by
+:class:`PromptRewardWindow`) the mean and std are taken over those prompts *and* this batch's: including
+the batch makes the first step (empty history) equal to the paper's formula, and its share of a window of
+tens of prompts keeps the self-reference small (GRPO's group mean includes the sample too).
 """
 
 from __future__ import annotations
@@ -37,6 +56,7 @@ from torch import Tensor
 from fastgrpo.advantages import (
     COPO_GATINGS,
     _check_real,
+    _check_same_len,
     _check_tensor,
     _shape,
     copo_blend_weight,
@@ -52,6 +72,7 @@ from fastgrpo.rewards.outcome import normalize_answer, parse_number, symbolic_eq
 __all__ = [
     "CANONICALIZE_MODES",
     "CopoAdvantages",
+    "PromptRewardWindow",
     "canonicalize_answer",
     "answer_labels",
     "answer_entropy_bits",
@@ -164,6 +185,8 @@ def copo_advantages(
     group_size: int | None = None,
     *,
     group_ids: Tensor | None = None,
+    accuracy: Tensor | None = None,
+    history: Tensor | None = None,
     k: float = 5.0,
     b: float = 1.0,
     gating: str = "soft-with-zero",
@@ -175,9 +198,13 @@ def copo_advantages(
     """COPO's advantage pair and blend weight for one rollout batch (module docstring).
 
     Args:
-        rewards: ``[B]`` rewards (binary in COPO).
+        rewards: ``[B]`` rewards of the local advantage (binary in COPO; the run's total reward in the trainer).
         answers: ``B`` extracted answer strings (None when missing) or int class labels ``[B]``.
         group_size / group_ids: the prompt groups, as :func:`fastgrpo.advantages.group_advantages`.
+        accuracy: ``[B]`` correctness reward (binary) of the global reward ``R_g`` and the ``soft-with-zero``
+            gate; None: ``rewards`` (the paper's single reward).
+        history: ``[H]`` prompt-level rewards of earlier prompts; ``A_glob`` is standardised over them and this
+            batch's ``G`` prompts together (beyond the paper, module docstring). None or empty: over the batch.
         k, b: blend sigmoid slope and centre (released 5, 1; official function defaults 1, 0.5).
         gating: one of ``soft-with-zero`` (released), ``soft-with-forced``, ``only-soft``,
             ``only-soft-with-coef``, ``only-global``, ``no-global``.
@@ -195,13 +222,54 @@ def copo_advantages(
     if global_loss_coef < 0:
         raise ValueError(f"global_loss_coef must be >= 0, got {global_loss_coef}")
     r = _check_real("rewards", rewards)
+    acc = r
+    if accuracy is not None:
+        _check_same_len("accuracy", _check_tensor("accuracy", accuracy), "rewards", B)
+        acc = _check_real("accuracy", accuracy).to(device=r.device, dtype=r.dtype)
     labels, index, G = _labels_and_index(answers, B, group_size, group_ids, canonicalize)
     labels, index = labels.to(r.device), index.to(r.device)
     entropy = group_label_entropy(labels, index, G, dtype=r.dtype)
     a_loc = group_advantages_ref(r, index, G, scale="group", estimator="grpo", eps=eps)
-    r_glob = copo_global_reward(r, index, G, entropy, use_entropy_coef=use_entropy_coef)
-    a_glob = copo_global_advantages(r_glob, eps=eps)[index]
+    r_glob = copo_global_reward(acc, index, G, entropy, use_entropy_coef=use_entropy_coef)
+    if history is not None and history.numel():
+        _check_tensor("history", history, ndim=1)
+        past = _check_real("history", history).to(device=r.device, dtype=r.dtype)
+        # standardised over the earlier prompts and this batch's together (module docstring: why both)
+        a_glob = copo_global_advantages(torch.cat([past, r_glob]), eps=eps)[past.shape[0] :][index]
+    else:
+        a_glob = copo_global_advantages(r_glob, eps=eps)[index]
     if gating == "only-soft-with-coef":
         a_glob = a_glob * global_loss_coef
-    w = copo_gate(copo_blend_weight(entropy, k=k, b=b)[index], r, a_loc, gating=gating)
+    w = copo_gate(copo_blend_weight(entropy, k=k, b=b)[index], acc, a_loc, gating=gating)
     return CopoAdvantages(a_glob, a_loc, w, entropy, r_glob)
+
+
+class PromptRewardWindow:
+    """The prompt-level rewards ``R_g`` of the last ``size`` prompts, oldest first (beyond the paper).
+
+    COPO's running statistics: pass ``values`` as ``history`` to :func:`copo_advantages`, then :meth:`update`
+    with the batch's ``global_reward`` once the step's advantages are computed. A window (rather than an
+    exponential average of the mean and variance) needs no bias correction while it fills, forgets the rewards
+    of an older policy completely after ``size`` prompts, and its statistics are a plain mean and std that a
+    test can recompute. ``state_dict`` / ``load_state_dict`` carry it through checkpoints bit for bit.
+    """
+
+    def __init__(self, size: int):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an int >= 1 (prompts), got {size!r}")
+        self.size = size
+        self.values = torch.empty(0)
+
+    def update(self, global_reward: Tensor) -> None:
+        """Append the batch's ``[G]`` prompt-level rewards, keep the newest ``size``."""
+        _check_tensor("global_reward", global_reward, ndim=1)
+        new = global_reward.detach().to("cpu")
+        self.values = torch.cat([self.values.to(new.dtype), new])[-self.size :]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"values": self.values.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        values = state["values"]
+        _check_tensor("values", values, ndim=1)
+        self.values = values.clone()[-self.size :]

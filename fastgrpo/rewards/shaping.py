@@ -17,14 +17,17 @@ Every stage is a thin adapter over the tested tensor functions of :mod:`fastgrpo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._schema import ConfigError
 from .care import answer_token_span
+from .copo import PromptRewardWindow
 from .outcome import extract_answer
 from .prm import ArithmeticStepVerifier
 from .registry import Scheme, build_scheme
@@ -39,6 +42,8 @@ __all__ = [
     "AdvantagePipeline",
     "token_pieces",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +116,21 @@ class Advantages:
     per_token: list[Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def per_sample(self) -> tuple[Tensor, Tensor]:
+        """``(advantage [B], nonzero [B] bool)``: each completion's net advantage and whether it carries any.
+
+        Sequence advantages: the value itself. COPO: ``(1 - w) A_global + w A_local``, the advantage the blended
+        loss's gradient has at ratio 1 (on-policy). Token advantages: their mean over the completion (the sign of
+        its net push under a token-mean loss), and ``nonzero`` when any token's advantage is non-zero (a
+        completion whose token advantages cancel still trains its tokens).
+        """
+        if self.per_token is not None:
+            net = torch.stack([t.float().mean() if t.numel() else torch.zeros(()) for t in self.per_token])
+            nonzero = torch.tensor([bool((t != 0).any()) for t in self.per_token], dtype=torch.bool)
+            return net, nonzero
+        net = self.values if self.blend is None else (1 - self.blend) * self.values + self.blend * self.local
+        return net, net != 0
+
     def select(self, index: Sequence[int]) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor | None]:
         """``(advantages, blend)`` of the completions ``index`` in the layout ``grpo_loss`` takes: ``[B_mb]``,
         the concatenated token advantages ``[M]``, or the COPO pair with its blend weight."""
@@ -139,7 +159,11 @@ def token_pieces(tokenizer: Any, completion_ids: Sequence[Sequence[int]]) -> lis
 
 
 class Stage:
-    """A scheme's hooks in the pipeline (module docstring); the defaults change nothing."""
+    """A scheme's hooks in the pipeline (module docstring); the defaults change nothing.
+
+    A stage that keeps state across steps (COPO's running statistics) returns it from ``state_dict`` (empty:
+    stateless) and restores it in ``load_state_dict``; the trainer saves it in its checkpoints.
+    """
 
     needs_reference: bool = False
 
@@ -149,6 +173,13 @@ class Stage:
 
     def shape_advantages(self, groups: RolloutGroups, adv: Advantages) -> Advantages:
         return adv
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
 
 
 class CareBonus(Stage):
@@ -190,18 +221,71 @@ class CareBonus(Stage):
 
 class CopoBlend(Stage):
     """COPO: the global (prompt-level) and local advantages with the entropy blend weight
-    (:mod:`fastgrpo.rewards.copo`), from the answers extracted from the completions. Metrics: ``copo/blend``
-    (mean weight of the local loss), ``copo/entropy`` (mean answer entropy of the groups, bits)."""
+    (:mod:`fastgrpo.rewards.copo`), from the answers extracted from the completions.
 
-    def __init__(self, copo: Scheme):
-        self.copo = copo
+    ``reward_term``: the correctness term that COPO's global reward and its ``soft-with-zero`` gate read (the
+    paper's binary reward); the local advantage reads the step's (shaped) total reward, as GRPO would (see
+    :mod:`fastgrpo.rewards.copo` for why). ``global_stats``: ``"batch"`` standardises the global reward over
+    this step's prompts (the paper; warned about once below :data:`FEW_PROMPTS` prompts per step),
+    ``"running"`` over this step's and the previous ``stats_window`` prompts (beyond the paper; the window is
+    the stage's state, saved in checkpoints).
+
+    Metrics: ``copo/blend`` (mean weight of the local loss), ``copo/entropy`` (mean answer entropy of the
+    groups, bits), ``copo/stats_prompts`` (prompts the global reward was standardised over).
+    """
+
+    #: Prompts per step below which the batch statistics of the global reward are mostly noise (the paper: 512).
+    FEW_PROMPTS = 64
+
+    def __init__(self, copo: Scheme, *, reward_term: str = "accuracy", global_stats: str = "batch",
+                 stats_window: int = 64):  # fmt: skip
+        if global_stats not in ("batch", "running"):
+            raise ValueError(f"global_stats must be 'batch' or 'running', got {global_stats!r}")
+        self.copo, self.reward_term, self.global_stats = copo, reward_term, global_stats
+        self.window = PromptRewardWindow(stats_window) if global_stats == "running" else None
+        self._warned = False
 
     def shape_advantages(self, groups, adv):
+        if self.reward_term not in groups.terms:
+            raise ConfigError(
+                f"advantage.copo.reward_term: no reward term named {self.reward_term!r} (the terms are "
+                f"{list(groups.terms)}); COPO's global reward and gate read the binary correctness term"
+            )
+        num_prompts = groups.size // groups.group_size
+        history = None if self.window is None else self.window.values
+        if history is None and num_prompts < self.FEW_PROMPTS and not self._warned:
+            self._warned = True
+            logger.warning(
+                "COPO standardises its global (prompt-level) reward over the %d prompts of each step (the paper: "
+                "512); over fewer than %d that statistic is mostly noise, and under the released soft-with-zero "
+                "gating the wrong answers of an above-average prompt are pushed up (metric adv/wrong_positive). "
+                "Raise rollout.prompts_per_step, or set advantage.copo.global_stats=running (statistics over "
+                "recent prompts, beyond the paper); at 4 prompts per step on the addition task neither learned "
+                "as much as plain GRPO (docs/schemes.md).",
+                num_prompts, self.FEW_PROMPTS,
+            )  # fmt: skip
         answers = [extract_answer(t) for t in groups.texts]
-        out = self.copo(adv.rewards, answers, groups.group_size)
+        out = self.copo(adv.rewards, answers, groups.group_size, accuracy=groups.terms[self.reward_term],
+                        history=history)  # fmt: skip
+        if self.window is not None:
+            self.window.update(out.global_reward)
         adv.values, adv.local, adv.blend = out.global_advantages, out.local_advantages, out.blend
-        adv.metrics.update({"copo/blend": float(out.blend.mean()), "copo/entropy": float(out.entropy.mean())})
+        adv.metrics.update({
+            "copo/blend": float(out.blend.mean()),
+            "copo/entropy": float(out.entropy.mean()),
+            "copo/stats_prompts": num_prompts + (0 if history is None else history.numel()),
+        })  # fmt: skip
         return adv
+
+    def state_dict(self):
+        return {} if self.window is None else {"window": self.window.state_dict()}
+
+    def load_state_dict(self, state):
+        if self.window is None:
+            return super().load_state_dict(state)
+        if "window" not in state:
+            raise ValueError("COPO with running statistics: the saved state has no 'window'")
+        self.window.load_state_dict(state["window"])
 
 
 class ProcessAdvantages(Stage):
@@ -248,13 +332,42 @@ class AdvantagePipeline:
     def __call__(
         self, groups: RolloutGroups, rewards: Tensor, ref_logp: list[Tensor] | None = None
     ) -> Advantages:
+        """One step's advantages. Besides the stages' metrics, for every scheme: ``adv/nonzero``, the share of
+        completions whose advantage is non-zero, and ``adv/wrong_positive``, the share of wrong completions
+        (accuracy term <= 0) whose advantage is positive (0 when none is wrong); per completion as
+        :meth:`Advantages.per_sample` defines it. The accuracy term is ``accuracy`` when the run has one, else
+        the first term (as the trainer's evaluation)."""
         metrics: dict[str, float] = {}
         for stage in self.stages:
             rewards = stage.shape_rewards(groups, rewards, ref_logp, metrics)
         adv = Advantages(self.estimator(rewards, groups.group_size), rewards, metrics=metrics)
         for stage in self.stages:
             adv = stage.shape_advantages(groups, adv)
+        net, nonzero = adv.per_sample()
+        metrics["adv/nonzero"] = float(nonzero.float().mean())
+        if groups.terms:
+            acc = groups.terms["accuracy" if "accuracy" in groups.terms else next(iter(groups.terms))]
+            wrong = acc.to(net.device) <= 0
+            metrics["adv/wrong_positive"] = (
+                float((net[wrong] > 0).float().mean()) if bool(wrong.any()) else 0.0
+            )
         return adv
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stages' state across steps, keyed ``"<position>.<stage class>"`` (stateless stages left out)."""
+        return {f"{i}.{type(s).__name__}": st for i, s in enumerate(self.stages) if (st := s.state_dict())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the saved stages must be this pipeline's stateful ones."""
+        keys = {f"{i}.{type(s).__name__}": s for i, s in enumerate(self.stages)}
+        mine = set(self.state_dict())
+        if set(state) != mine:
+            raise ValueError(
+                f"advantage pipeline state: saved for stages {sorted(state)}, but this pipeline's stateful stages "
+                f"are {sorted(mine)} (a checkpoint of another advantage configuration?)"
+            )
+        for key, st in state.items():
+            keys[key].load_state_dict(st)
 
     @classmethod
     def from_config(cls, section: Any, tokenizer: Any) -> AdvantagePipeline:
@@ -267,7 +380,9 @@ class AdvantagePipeline:
                                     accuracy_term=c.accuracy_term, answer_open=c.answer_open,
                                     answer_close=c.answer_close))  # fmt: skip
         if section.copo.enabled:
-            stages.append(CopoBlend(build_scheme({"name": "copo", "params": section.copo.params})))
+            c = section.copo
+            stages.append(CopoBlend(build_scheme({"name": "copo", "params": c.params}), reward_term=c.reward_term,
+                                    global_stats=c.global_stats, stats_window=c.stats_window))  # fmt: skip
         if section.prm.enabled:
             prm = build_scheme({"name": "grounded_prm", "params": section.prm.params})
             stages.append(ProcessAdvantages(prm, tokenizer, step_sep=section.prm.step_sep))
