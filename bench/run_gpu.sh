@@ -7,7 +7,12 @@
 # - peers (liger-kernel, trl, cut-cross-entropy, and what they import that the machine lacks) come as wheels
 #   from .whl/ when that folder exists; bench/README.md says how to fill it. A missing peer is skipped with a note.
 #
+# Then, when vllm (and trl, peft, datasets) import, one training step on one GPU with vLLM generation:
+# fastgrpo + vLLM vs TRL + vLLM colocate, same model and settings (bench/bench_step_vllm.py).
+#
 # Usage: bash bench/run_gpu.sh [extra arguments of `python -m bench.run`, e.g. --op grpo_loss --case llama3]
+#   FASTGRPO_BENCH=ops        the op tables only
+#   FASTGRPO_BENCH=step_vllm  the vLLM step comparison only (FASTGRPO_STEP_ARGS="--smoke" for a ~1 min check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -44,4 +49,17 @@ export PYTHONPATH=$STAGE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PY" -c "import fastgrpo.ops._dispatch as d; print('[run_gpu] fastgrpo backends on cuda:', d.available_backends('cuda'))"
 
 mkdir -p "$OUT_DIR"
-"$PY" -m bench.run --op all --device cuda --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/bench_cuda.log"
+WHAT=${FASTGRPO_BENCH:-all}
+if [ "$WHAT" != step_vllm ]; then
+    "$PY" -m bench.run --op all --device cuda --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/bench_cuda.log"
+fi
+if [ "$WHAT" != ops ]; then
+    # vLLM pins its own CUDA torch: it comes installed on the machine or in .whl/ with everything it needs
+    if "$PY" -c "import vllm, trl, peft, datasets" 2>/dev/null; then
+        # shellcheck disable=SC2086
+        "$PY" -m bench.bench_step_vllm --out "$OUT_DIR" ${FASTGRPO_STEP_ARGS:-} 2>&1 | tee "$OUT_DIR/step_vllm_cuda.log"
+    else
+        echo "[run_gpu] vllm / trl / peft / datasets not importable: the fastgrpo + vLLM vs TRL + vLLM step" \
+            "comparison is skipped (see docs/distributed.md)"
+    fi
+fi

@@ -117,11 +117,15 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     config_text: str | None = None,
     keep_last: int = 2,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``run_dir/checkpoints`` and return its directory.
 
     ``state`` holds everything else needed to continue (RNG states, sampler state, counters); it is stored
-    with ``torch.save``. Call on the main process only.
+    with ``torch.save``. Call on the main process only. ``weights`` / ``optimizer_state``: what to write instead
+    of ``model``'s trainable parameters and ``optimizer.state_dict()`` (a sharded run's full state dicts,
+    gathered by :func:`fastgrpo.distributed.full_state`).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -132,8 +136,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_tensors(trainable_state_dict(model), tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _write_tensors(trainable_state_dict(model) if weights is None else weights, tmp / "model.safetensors")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if ema_state is not None:
@@ -287,9 +291,13 @@ def find_resumable(path: str | Path) -> Checkpoint:
 
 
 def apply_checkpoint(ckpt: Checkpoint, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                     scheduler: Any = None) -> dict[str, Any]:  # fmt: skip
+                     scheduler: Any = None, load: Any = None) -> dict[str, Any]:  # fmt: skip
     """Load a read checkpoint's weights, optimizer and scheduler in place; return its ``state`` dict (with
-    ``step``, ``path`` and, when present, ``ema_state``)."""
+    ``step``, ``path`` and, when present, ``ema_state``).
+
+    ``load(weights, optimizer_state)``: how to load the (name-checked) weights and the optimizer state instead of
+    copying into ``model``'s parameters and ``optimizer.load_state_dict`` (a sharded run:
+    :func:`fastgrpo.distributed.load_full_state`)."""
     params = dict(model.named_parameters())
     unknown = sorted(set(ckpt.weights) - set(params))
     if unknown:
@@ -302,11 +310,14 @@ def apply_checkpoint(ckpt: Checkpoint, *, model: torch.nn.Module, optimizer: tor
         raise ValueError(
             f"checkpoint {ckpt.path}: trainable parameter {missing[0]!r} is missing ({len(missing)} in all)"
         )
-    with torch.no_grad():
-        for name, tensor in ckpt.weights.items():
-            params[name].copy_(tensor.to(params[name].dtype))
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt.optimizer)
+    if load is not None:
+        load(ckpt.weights, ckpt.optimizer)
+    else:
+        with torch.no_grad():
+            for name, tensor in ckpt.weights.items():
+                params[name].copy_(tensor.to(params[name].dtype))
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt.optimizer)
     if scheduler is not None and ckpt.scheduler is not None:
         scheduler.load_state_dict(ckpt.scheduler)
     state = dict(ckpt.state)

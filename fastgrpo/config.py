@@ -56,6 +56,10 @@ __all__ = [
     "SamplerConfig",
     "FilterConfig",
     "TrainConfig",
+    "FsdpConfig",
+    "DeepSpeedConfig",
+    "DistributedConfig",
+    "VllmConfig",
     "Config",
     "load_config",
     "apply_overrides",
@@ -139,6 +143,32 @@ class TaskConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The vLLM engine of ``rollout.engine: vllm``, colocated on the training GPUs (one engine per process, or
+    one per ``tensor_parallel_size`` processes; docs/distributed.md).
+
+    ``gpu_memory_utilization``: the fraction of each GPU vLLM may take (weights + KV cache; training needs the
+    rest). ``sleep_level``: 0 keeps the engine resident; 1 offloads its weights to CPU and drops the KV cache
+    while the policy trains; 2 drops both (the trainer pushes the weights again anyway after each update).
+    ``max_model_len``: unset = prompt + completion limits of the rollout section. ``enable_prefix_caching``:
+    vLLM's prefix cache (reset after every weight push). ``max_num_seqs`` / ``max_num_batched_tokens``: vLLM's
+    scheduler limits (None: vLLM's defaults). ``behaviour_logprobs``: the loss's behaviour log-probs
+    (``old_logp``) are vLLM's log-probs of the sampled tokens (after temperature) instead of a recompute with the
+    training model: one forward pass less per micro-batch, and the ratio then also corrects the engines'
+    numerical mismatch (off by default: on-policy steps use ratio 1, as with ``transformers``)."""
+
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    sleep_level: int = 0
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = 4096
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    behaviour_logprobs: bool = False
+
+
+@dataclass
 class RolloutConfig:
     """Generation: ``prompts_per_step`` prompts, ``group_size`` completions each (G).
 
@@ -147,7 +177,8 @@ class RolloutConfig:
     prompt ``G`` times first); ``prompt_cache``: ``auto`` | ``shared`` (the prompt's keys/values once per group) |
     ``expanded`` (``G`` copies); ``compile_decode``: a compiled static-cache decode (CUDA only, off by default).
     See :mod:`fastgrpo.rollout`.
-    """
+    ``engine``: ``transformers`` (``generate`` on the policy itself) or ``vllm`` (:class:`VllmConfig`, GPUs
+    only; the policy's weights are pushed to it after each update)."""
 
     group_size: int = 8
     prompts_per_step: int = 1
@@ -160,6 +191,8 @@ class RolloutConfig:
     prefill_once: bool = True
     prompt_cache: Literal["auto", "shared", "expanded"] = "auto"
     compile_decode: bool = False
+    engine: Literal["transformers", "vllm"] = "transformers"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -389,6 +422,51 @@ class TrainConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """torch FSDP2 (``fully_shard``) of the policy: every decoder block is one unit, the root holds the
+    embeddings, the final norm and the LM head (so the fused loss, which runs inside the root's forward, sees the
+    LM head's full weight and FSDP reduce-scatters its gradient).
+
+    ``reshard_after_forward``: free each block's gathered weights after its forward (ZeRO-3 like; False keeps
+    them until backward, ZeRO-2 like). ``cpu_offload``: sharded parameters, gradients and optimizer state live
+    in CPU memory (torch's ``CPUOffloadPolicy``; the optimizer step runs on the CPU). ``param_dtype``: the
+    dtype blocks compute in (``auto``: bfloat16 when ``train.mixed_precision`` resolves to bf16, else the
+    parameters' dtype); ``reduce_dtype``: the gradient reduce-scatter dtype. ``blocks``: class names of the
+    units (empty: the model's ``_no_split_modules``)."""
+
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    blocks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO through accelerate (GPUs and the ``deepspeed`` package only). ``zero_stage``: 2 shards
+    optimizer state and gradients, 3 also the parameters (the LM head's weight is registered as an external
+    parameter of the module whose forward runs the fused loss, so ZeRO-3 gathers it there).
+    ``offload_optimizer`` / ``offload_params`` (stage 3): ZeRO-Offload to CPU memory."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    """How the policy is spread over the processes of a launch (docs/distributed.md).
+
+    ``strategy``: ``ddp`` (a full replica per process, gradients all-reduced; also what one process runs),
+    ``fsdp`` (torch FSDP2: accelerate's FSDP plugin on GPUs, ``fully_shard`` applied directly on CPU) or
+    ``deepspeed`` (ZeRO-2 / ZeRO-3 through accelerate, GPUs only)."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -405,6 +483,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> Config:
         """Every field's range (:data:`FIELD_RULES`, and :meth:`fastgrpo.LossConfig.validate` for the loss; every
@@ -460,6 +539,7 @@ class Config:
                         f"rewards.{i}.name: {term.name!r} compares completions with the gold answer, but "
                         "task.answer_field is null (the dataset has no answers); drop the reward or name the column"
                     )
+        _check_distributed(self)
         if self.train.tensorboard:
             logger.warning(
                 "train.tensorboard is deprecated: use train.report_to=tensorboard (as in transformers / TRL)"
@@ -544,6 +624,34 @@ def _check_schemes(cfg: Config) -> None:
         _check_params("sampler.vps", "mmr1_vps", cfg.sampler.vps)
 
 
+def _check_distributed(cfg: Config) -> None:
+    """The combinations the distributed strategies and the vLLM engine cannot run (before any model work)."""
+    d = cfg.distributed
+    if d.strategy != "ddp" and cfg.reference_mode() == "ema":
+        raise ConfigError(
+            f"distributed.strategy: the EMA reference (model.reference=ema, GRPO-CARE) keeps a full copy of the "
+            f"trainable weights and reads them every step; it runs with 'ddp' only, got {d.strategy!r}"
+        )
+    if d.strategy == "deepspeed":
+        if d.deepspeed.offload_params and d.deepspeed.zero_stage != 3:
+            raise ConfigError(
+                "distributed.deepspeed.offload_params: parameter offload needs zero_stage=3, got "
+                f"zero_stage={d.deepspeed.zero_stage}"
+            )
+        if cfg.optim.name == "adamw8bit":
+            raise ConfigError(
+                "optim.name: adamw8bit (bitsandbytes) is not a DeepSpeed optimizer; use adamw with "
+                "distributed.strategy=deepspeed"
+            )
+    r = cfg.rollout
+    if r.engine == "vllm":
+        if r.vllm.max_model_len is not None and r.vllm.max_model_len < r.max_prompt_tokens + r.max_new_tokens:
+            raise ConfigError(
+                f"rollout.vllm.max_model_len: {r.vllm.max_model_len} cannot hold a prompt and completion of the "
+                f"longest allowed length ({r.max_prompt_tokens} + {r.max_new_tokens}); raise it or leave it unset"
+            )
+
+
 def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> tuple[Callable, str]:
     ok = lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     return ok, f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
@@ -590,6 +698,16 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.time_budget_s": (lambda v: v >= 0, "must be >= 0 (0 = no budget)"),
     "train.max_skipped_steps": _POSITIVE,
     "train.signal_check_steps": _NON_NEGATIVE,
+    "rollout.vllm.gpu_memory_utilization": _between(0.0, 1.0, lo_open=True, hi_open=True),
+    "rollout.vllm.tensor_parallel_size": _POSITIVE,
+    "rollout.vllm.sleep_level": (lambda v: v in (0, 1, 2), "must be 0 (off), 1 or 2"),
+    "rollout.vllm.max_model_len": (lambda v: v is None or v > 0, "must be > 0 (unset: prompt + completion)"),
+    "rollout.vllm.max_num_seqs": (lambda v: v is None or v > 0, "must be > 0 (unset: vLLM's default)"),
+    "rollout.vllm.max_num_batched_tokens": (
+        lambda v: v is None or v > 0,
+        "must be > 0 (unset: vLLM's default)",
+    ),
+    "distributed.deepspeed.zero_stage": (lambda v: v in (2, 3), "must be 2 or 3"),
 }
 
 

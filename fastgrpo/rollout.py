@@ -72,7 +72,7 @@ import contextlib
 import importlib.util
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -604,37 +604,144 @@ def _prompt_cache_mode(model: nn.Module, params: SamplingParams) -> str:
 
 
 class VLLMEngine:
-    """Rollouts with vLLM (optional; only built when vLLM is installed, imported here and nowhere else).
+    """Rollouts with vLLM, colocated with training on the same GPUs (docs/distributed.md).
 
-    ``VLLMEngine(model_path, **llm_kwargs)`` starts ``vllm.LLM``; :meth:`generate` returns the same
-    :class:`RolloutBatch` as the transformers path (behaviour log-probs from vLLM's sampled-token log-probs,
-    which follow vLLM's own processing); :meth:`load_weights` pushes the policy's current weights.
-    Not exercised by the CPU test suite (vLLM needs a GPU).
+    ``VLLMEngine(model_path, sleep_level=..., **llm_kwargs)`` starts ``vllm.LLM`` (vLLM's public offline API,
+    the version of the ``vllm`` extra); :meth:`colocated_kwargs` gives the engine arguments of a trainer
+    process (one engine per process through vLLM's ``external_launcher`` executor, tensor parallel over
+    ``tensor_parallel_size`` processes). The trainer drives it with two calls:
+
+    * :meth:`push_weights` after each update: ``(name, tensor)`` pairs of the plain ``transformers`` model (LoRA
+      merged, shards gathered; :func:`fastgrpo.distributed.named_weights_for_inference`) are loaded into the
+      engine's model (``LLM.apply_model(model.load_weights)``), then the prefix cache and the multimodal encoder
+      cache are reset (``reset_prefix_cache``, ``reset_mm_cache``): their entries were computed by the old
+      weights.
+    * :meth:`generate`: the same :class:`RolloutBatch` as the ``transformers`` path; behaviour log-probs are
+      vLLM's ``processed_logprobs`` of the sampled tokens (after temperature, before top-k / top-p, as the loss
+      recomputes them).
+
+    ``sleep_level`` 1 or 2 (vLLM's sleep mode): between generations the engine sleeps (level 1 keeps its weights
+    in CPU memory, level 2 drops them) so training has the GPU memory; a push wakes the weights alone first
+    (``wake_up(tags=["weights"])``), a generation wakes the rest. ``tp_group``: the process group of the ranks
+    sharing one tensor-parallel engine (their prompts are gathered, each keeps its own completions).
+
+    ``llm`` / ``sampling_params_cls``: an already built engine and vLLM's ``SamplingParams`` class (tests pass
+    recorders); vLLM is imported here and nowhere else, only when an engine is built.
     """
 
-    def __init__(self, model_path: str, **llm_kwargs: Any) -> None:
-        if not HAS_VLLM:
-            raise BackendUnavailable("the vLLM rollout engine needs vllm: pip install vllm (GPU machines)")
-        import vllm  # the only vLLM import in fastgrpo
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        sleep_level: int = 0,
+        tp_group: Any = None,
+        llm: Any = None,
+        sampling_params_cls: Any = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level must be 0 (off), 1 or 2, got {sleep_level}")
+        if llm is None:
+            if not HAS_VLLM:
+                raise BackendUnavailable(
+                    "the vLLM rollout engine needs vllm: pip install vllm (or the fastgrpo[vllm] extra; GPU machines)"
+                )
+            import vllm  # the only vLLM import in fastgrpo
 
-        self._vllm = vllm
-        self.llm = vllm.LLM(model=model_path, **llm_kwargs)
+            llm = vllm.LLM(model=model_path, enable_sleep_mode=sleep_level > 0, **llm_kwargs)
+            sampling_params_cls = vllm.SamplingParams
+        self.llm = llm
+        self._sampling_params = sampling_params_cls
+        self.sleep_level = sleep_level
+        self.tp_group = tp_group
+        self.asleep = False
+        self.weights_dropped = False  # level-2 sleep frees the weights: a push must come before generating
+        self.pushes = 0
+        if sleep_level:
+            self._sleep()
 
-    def load_weights(self, named_tensors: Any) -> None:
-        """Copy ``(name, tensor)`` pairs (``policy.named_parameters()`` after merging adapters) into the engine."""
-        engine = self.llm.llm_engine
-        runner = engine.model_executor.driver_worker.model_runner
-        runner.model.load_weights(list(named_tensors))
+    @staticmethod
+    def colocated_kwargs(
+        cfg: Any, *, rank: int, world_size: int, max_model_len: int, seed: int = 0
+    ) -> dict[str, Any]:
+        """``vllm.LLM`` arguments of trainer process ``rank`` of ``world_size`` from a
+        :class:`fastgrpo.config.VllmConfig`: one engine per process (``external_launcher``: vLLM joins the
+        launcher's process group instead of starting workers), the same sampling seed within a tensor-parallel
+        group (its engines must draw the same tokens), ``processed_logprobs`` behaviour log-probs."""
+        tp = cfg.tensor_parallel_size
+        if world_size % tp:
+            raise ValueError(
+                f"rollout.vllm.tensor_parallel_size={tp} must divide the number of processes ({world_size})"
+            )
+        kw: dict[str, Any] = dict(
+            tensor_parallel_size=tp,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len or max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            dtype=cfg.dtype,
+            seed=seed + rank // tp,
+            logprobs_mode="processed_logprobs",
+        )
+        if world_size > 1 or tp > 1:
+            kw["distributed_executor_backend"] = "external_launcher"
+        for key in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(cfg, key) is not None:
+                kw[key] = getattr(cfg, key)
+        return kw
+
+    def _sleep(self) -> None:
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = True
+        self.weights_dropped = self.sleep_level == 2
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> int:
+        """Load ``(name, tensor)`` pairs (names of the plain ``transformers`` model) into the engine, then reset
+        its prefix and multimodal caches; returns the number of tensors. The pairs are consumed one at a time
+        (a sharded policy gathers each tensor only when vLLM reads it)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # weights only: the KV cache stays freed during the copy
+        count = [0]
+
+        def counted() -> Iterator[tuple[str, Tensor]]:
+            for name, tensor in named_tensors:
+                count[0] += 1
+                yield name, tensor
+
+        weights = counted()
+        self.llm.apply_model(lambda model: model.load_weights(weights))
+        self.weights_dropped = False
+        # cached prefixes and encoder outputs were computed by the previous weights
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.pushes += 1
+        return count[0]
 
     def generate(self, tokenizer: Any, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
-        pad, eos = _pad_and_eos(tokenizer, None)
+        if self.asleep:
+            if self.weights_dropped:
+                raise RuntimeError(
+                    "the vLLM engine slept at level 2 (weights freed): push_weights() before generating"
+                )
+            self.llm.wake_up()  # every remaining tag (KV cache, scheduling; the weights if still asleep)
+            self.asleep = False
+        pad, _ = _pad_and_eos(tokenizer, None)
         ids = tokenize_prompts(
             tokenizer,
             prompts,
             max_prompt_length=params.max_prompt_length,
             prompt_truncation=params.prompt_truncation,
         )
-        sp = self._vllm.SamplingParams(
+        mine = slice(0, len(ids))
+        if self.tp_group is not None:  # the engines of a tensor-parallel group serve the same requests
+            import torch.distributed as tdist
+
+            parts: list[Any] = [None] * tdist.get_world_size(self.tp_group)
+            tdist.all_gather_object(parts, ids, group=self.tp_group)
+            k = tdist.get_rank(self.tp_group)
+            start = sum(len(p) for p in parts[:k])
+            mine = slice(start, start + len(ids))
+            ids = [x for p in parts for x in p]
+        sp = self._sampling_params(
             n=params.num_generations,
             temperature=params.temperature if params.do_sample else 0.0,
             top_p=params.top_p,
@@ -647,37 +754,45 @@ class VLLMEngine:
             logprobs=0 if params.return_logprobs else None,
             seed=params.seed,
         )
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], sp)
-        g = params.num_generations
-        longest = max(len(x) for x in ids)
-        rows = [(i, o) for i, out in enumerate(outs) for o in out.outputs]
-        t_c = max(1, max(len(o.token_ids) for _, o in rows))
-        r = len(rows)
-        prompt_ids = torch.full((r, longest), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((r, longest), dtype=torch.bool)
-        completion_ids = torch.full((r, t_c), pad, dtype=torch.long)
-        mask = torch.zeros((r, t_c), dtype=torch.bool)
-        logprobs = torch.zeros((r, t_c), dtype=torch.float32) if params.return_logprobs else None
-        truncated = torch.zeros(r, dtype=torch.bool)
-        for k, (i, o) in enumerate(rows):
-            p = ids[i]
-            prompt_ids[k, longest - len(p) :] = torch.tensor(p)
-            prompt_mask[k, longest - len(p) :] = True
-            toks = list(o.token_ids)
-            completion_ids[k, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            mask[k, : len(toks)] = True
-            truncated[k] = o.finish_reason == "length"
-            if logprobs is not None and o.logprobs:
-                logprobs[k, : len(toks)] = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, toks)])
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=mask,
-            logprobs=logprobs,
-            truncated=truncated,
-            group_ids=torch.arange(len(ids)).repeat_interleave(g),
-            num_generations=g,
-            texts=[o.text for _, o in rows],
-            pad_token_id=pad,
-        )
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], sp, use_tqdm=False)[mine]
+        ids = ids[mine]
+        if self.sleep_level:
+            self._sleep()
+        return _vllm_batch(outs, ids, params, pad)
+
+
+def _vllm_batch(outs: Sequence[Any], ids: list[list[int]], params: SamplingParams, pad: int) -> RolloutBatch:
+    """vLLM's ``RequestOutput`` list (one per prompt, ``n`` completions each) as a :class:`RolloutBatch`."""
+    g = params.num_generations
+    longest = max(len(x) for x in ids)
+    rows = [(i, o) for i, out in enumerate(outs) for o in out.outputs]
+    t_c = max(1, max(len(o.token_ids) for _, o in rows))
+    r = len(rows)
+    prompt_ids = torch.full((r, longest), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((r, longest), dtype=torch.bool)
+    completion_ids = torch.full((r, t_c), pad, dtype=torch.long)
+    mask = torch.zeros((r, t_c), dtype=torch.bool)
+    logprobs = torch.zeros((r, t_c), dtype=torch.float32) if params.return_logprobs else None
+    truncated = torch.zeros(r, dtype=torch.bool)
+    for k, (i, o) in enumerate(rows):
+        p = ids[i]
+        prompt_ids[k, longest - len(p) :] = torch.tensor(p)
+        prompt_mask[k, longest - len(p) :] = True
+        toks = list(o.token_ids)
+        completion_ids[k, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        mask[k, : len(toks)] = True
+        truncated[k] = o.finish_reason == "length"
+        if logprobs is not None and o.logprobs:
+            logprobs[k, : len(toks)] = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, toks)])
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        logprobs=logprobs,
+        truncated=truncated,
+        group_ids=torch.arange(len(ids)).repeat_interleave(g),
+        num_generations=g,
+        texts=[o.text for _, o in rows],
+        pad_token_id=pad,
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from . import distributed as dist
 from .checkpoint import (
     Checkpoint,
     apply_checkpoint,
@@ -58,13 +60,13 @@ from .observability import (
     reward_summary,
     start_trackers,
 )
-from .ops import accumulation_weight, grpo_loss
-from .packing import MicroBatch, PackedBatch, lm_head_of, pack_micro_batches, packed_forward, packed_logprobs
+from .ops import accumulation_weight
+from .packing import MicroBatch, lm_head_of, pack_micro_batches, packed_logprobs
 from .rewards.outcome import extract_answer
 from .rewards.registry import build_scheme
 from .rewards.shaping import AdvantagePipeline, RolloutGroups
 from .rewards.terms import RewardTerms, register_reward, trl_columns
-from .rollout import SamplingParams, generate_rollouts
+from .rollout import SamplingParams, VLLMEngine, generate_rollouts
 from .sampling import (
     REWARDMAP_STAGES,
     DynamicSamplingBuffer,
@@ -77,34 +79,23 @@ from .vlm import check_example, encode_prompts, generation_inputs, is_processor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "RunResult", "train", "evaluate_run", "register_reward", "make_accelerator"]
+__all__ = [
+    "Trainer",
+    "RunResult",
+    "train",
+    "evaluate_run",
+    "register_reward",
+    "make_accelerator",
+    "resolve_mixed_precision",
+]
 
 # ----------------------------------------------------------------------------------------------------------
 # Plumbing
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _HiddenStates(nn.Module):
-    """The policy as DDP sees it: ``forward(packed row) -> last hidden states [M, D]`` at the loss positions.
-
-    Wrapping the decoder call in a module's ``forward`` keeps data-parallel gradient hooks in charge; the
-    LM head is applied inside the fused loss, so the logits never exist.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: PackedBatch) -> Tensor:
-        return packed_forward(self.model, batch).index_select(0, batch.logit_index)
-
-
-def make_accelerator(cfg: Config) -> Any:
-    """``Accelerator(cpu=True)`` without a GPU (the only CPU form that really runs several processes), with the
-    run's experiment trackers (``train.report_to``; started with the run directory by
-    :func:`fastgrpo.observability.start_trackers`)."""
-    from accelerate import Accelerator
-
+def resolve_mixed_precision(cfg: Config) -> str:
+    """``train.mixed_precision`` resolved for this machine: ``"bf16"`` or ``"no"``."""
     cuda = torch.cuda.is_available()
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -112,11 +103,39 @@ def make_accelerator(cfg: Config) -> Any:
     if mp == "bf16" and not cuda:
         logger.warning("train.mixed_precision=bf16 needs a GPU here; running in fp32")
         mp = "no"
+    return mp
+
+
+def make_accelerator(cfg: Config) -> Any:
+    """``Accelerator(cpu=True)`` without a GPU (the only CPU form that really runs several processes); on GPUs
+    with accelerate's FSDP2 or DeepSpeed plugin for ``distributed.strategy`` ``fsdp`` / ``deepspeed`` (on CPU
+    the trainer applies FSDP2 itself: :func:`fastgrpo.distributed.shard_policy`). With the run's experiment
+    trackers (``train.report_to``; started with the run directory by
+    :func:`fastgrpo.observability.start_trackers`)."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mp = resolve_mixed_precision(cfg)
+    strategy = cfg.distributed.strategy
+    plugins: dict[str, Any] = {}
+    if strategy == "fsdp" and cuda:
+        plugins["fsdp_plugin"] = dist.fsdp_plugin(cfg.distributed.fsdp, mp, torch.device("cuda"))
+    elif strategy == "deepspeed":
+        if not cuda:
+            raise ConfigError(
+                "distributed.strategy: deepspeed needs CUDA GPUs (DeepSpeed has no CPU training engine); use 'fsdp' "
+                "or 'ddp' here"
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ImportError("distributed.strategy=deepspeed needs DeepSpeed: pip install deepspeed")
+        plugins["deepspeed_plugin"] = dist.deepspeed_plugin(
+            cfg.distributed.deepspeed, mp, cfg.optim.grad_clip
+        )
     # "no" is passed as None: the default, and compatible with an AcceleratorState another library created
     # the tensorboard tracker needs a logging directory: the runs' root until the run directory is named
     trackers = cfg.train.trackers()
     accel = Accelerator(cpu=not cuda, mixed_precision=None if mp == "no" else mp, log_with=trackers or None,
-                        project_dir=cfg.train.output_dir if trackers else None)  # fmt: skip
+                        project_dir=cfg.train.output_dir if trackers else None, **plugins)  # fmt: skip
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accel.num_processes != expected:
         raise RuntimeError(
@@ -210,6 +229,11 @@ class Trainer:
         self.accel = accel = make_accelerator(cfg)
         self.rank, self.world = accel.process_index, accel.num_processes
         self.device = accel.device
+        if cfg.rollout.engine == "vllm" and not self._vllm_can_run():
+            raise ConfigError(
+                "rollout.engine: vllm runs on CUDA GPUs with the vllm package (pip install 'fastgrpo[vllm]'); "
+                "use rollout.engine=transformers here"
+            )
 
         # -- data and rewards: a bad dataset or reward fails here, before any model is loaded -----------------
         opts = dict(cfg.task.options)
@@ -281,18 +305,17 @@ class Trainer:
         self.advantages = AdvantagePipeline.from_config(cfg.advantage, self.tokenizer)
 
         # -- optimisation ---------------------------------------------------------------------------------
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = self._build_optimizer(params)
-        self.scheduler = cfg.optim.build_scheduler(self.optimizer, cfg.train.steps * cfg.train.num_iterations)
-        self.policy, self.optimizer = accel.prepare(_HiddenStates(model), self.optimizer)
-        self.params = params
+        self.policy, self.optimizer, self.params = self._wrap_policy(model)
+        self._ds_steps = dist.DeepSpeedSteps(self.policy) if cfg.distributed.strategy == "deepspeed" else None
+        self.engine = self._build_engine() if cfg.rollout.engine == "vllm" else None
+        self._engine_stale = True  # the engine holds the checkpoint's weights until the first push
 
         # -- run directory, logging, resume ------------------------------------------------------------------
         self.step = self.saved_step = 0
         self.skipped_in_a_row = 0
         if ckpt is not None:
             self.run_dir = ckpt.path.parent.parent
-            self._load(ckpt)
+            self._load(ckpt, training=write_run)
         else:
             name = (
                 cfg.train.run_name or f"{cfg.task.name}-{cfg.loss.loss_type}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -320,6 +343,152 @@ class Trainer:
         self.signal_guard = LearningSignalGuard(cfg.train.signal_check_steps)
 
     # -- building blocks ----------------------------------------------------------------------------------
+
+    def _wrap_policy(self, model: nn.Module) -> tuple[nn.Module, Any, list[Tensor]]:
+        """The policy as the distributed engine runs it (:class:`fastgrpo.distributed.PolicyLoss`: decoder and
+        fused loss in one forward), its optimizer (built over the parameters the engine trains: FSDP's sharded
+        ones) and those parameters; the LR scheduler is attached to the optimizer here."""
+        cfg, accel = self.cfg, self.accel
+        policy = dist.PolicyLoss(model)
+        strategy = cfg.distributed.strategy
+        if strategy == "fsdp" and self.device.type != "cuda":
+            # accelerate would run plain data parallel with an FSDP plugin on CPU: torch's fully_shard directly
+            dist.shard_policy(policy, cfg.distributed.fsdp, resolve_mixed_precision(cfg), self.device)
+            params = [p for p in policy.parameters() if p.requires_grad]
+            optimizer = self._build_optimizer(params)
+            self.scheduler = cfg.optim.build_scheduler(optimizer, cfg.train.steps * cfg.train.num_iterations)
+            return policy, optimizer, params
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = self._build_optimizer(params)
+        self.scheduler = cfg.optim.build_scheduler(optimizer, cfg.train.steps * cfg.train.num_iterations)
+        if strategy == "fsdp":
+            accel.state.fsdp_plugin.transformer_cls_names_to_wrap = dist.fsdp_block_names(
+                model, cfg.distributed.fsdp.blocks
+            )
+        if self._zero3:
+            dist.register_zero3_head(policy, model)
+        wrapped, optimizer = accel.prepare(policy, optimizer)
+        if strategy == "fsdp":  # accelerate swapped the parameters for their sharded versions
+            dist.register_gathered(wrapped)
+            params = [p for p in wrapped.parameters() if p.requires_grad]
+        return wrapped, optimizer, params
+
+    def _gathered(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` outside the training forward with the policy's full weights: through the FSDP
+        root's registered forward method under FSDP (inside :meth:`_hold_full_weights`, so without collectives);
+        under ZeRO-3 with the LM head gathered (the other modules gather their own in their forward); a plain call
+        otherwise."""
+        if self._zero3:
+            with self._zero3_gathered(dist.lm_head_params(self.model)):
+                return fn(*args, **kwargs)
+        if not dist.is_fsdp(self.policy):
+            return fn(*args, **kwargs)
+        return self.policy.gathered(fn, *args, **kwargs)
+
+    def _hold_full_weights(self) -> None:
+        """Under FSDP, gather every unit for the rollout / reference / evaluation phase, which makes a
+        rank-dependent number of forward calls (:func:`fastgrpo.distributed.hold_full_weights`; every rank calls
+        this at the same point). Idempotent until :meth:`_release_full_weights`."""
+        if not getattr(self, "_holding", False):
+            self._holding = dist.hold_full_weights(self.policy)
+
+    def _release_full_weights(self) -> None:
+        """Reshard what :meth:`_hold_full_weights` gathered (before a training forward or a checkpoint)."""
+        if getattr(self, "_holding", False):
+            dist.release_full_weights(self.policy, self.cfg.distributed.fsdp.reshard_after_forward)
+            self._holding = False
+
+    @property
+    def _zero3(self) -> bool:
+        d = self.cfg.distributed
+        return d.strategy == "deepspeed" and d.deepspeed.zero_stage == 3
+
+    def _zero3_gathered(self, params: list[Tensor]) -> Any:
+        """DeepSpeed's ``GatheredParameters`` over ``params`` under ZeRO-3 (read-only), a no-op otherwise."""
+        if not self._zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    # -- the vLLM rollout engine ----------------------------------------------------------------------------
+
+    @property
+    def _engine_behaviour_logp(self) -> bool:
+        """Behaviour log-probs from the vLLM engine replace the recomputed ones (rollout.vllm.behaviour_logprobs)."""
+        r = self.cfg.rollout
+        return r.engine == "vllm" and r.vllm.behaviour_logprobs
+
+    def _vllm_can_run(self) -> bool:
+        return self.device.type == "cuda" and importlib.util.find_spec("vllm") is not None
+
+    def _build_engine(self) -> VLLMEngine:
+        """The colocated vLLM engine of this process (:meth:`fastgrpo.rollout.VLLMEngine.colocated_kwargs`),
+        started from the policy's checkpoint directory; the trainer pushes its weights before each generation
+        that follows an update."""
+        cfg, r = self.cfg, self.cfg.rollout
+        if is_processor(self.processor):
+            raise ConfigError(
+                "rollout.engine: vllm is wired for text models; vision-language rollouts use rollout.engine="
+                "transformers"
+            )
+        tp = r.vllm.tensor_parallel_size
+        kw = VLLMEngine.colocated_kwargs(r.vllm, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
+                                         max_model_len=r.max_prompt_tokens + r.max_new_tokens)  # fmt: skip
+        group = None
+        if tp > 1:  # every rank creates every group (a collective), then keeps its own
+            import torch.distributed as tdist
+
+            group, _ = tdist.new_subgroups_by_enumeration(
+                [list(range(i, i + tp)) for i in range(0, self.world, tp)]
+            )
+        if "distributed_executor_backend" in kw:  # external_launcher runs the engine in this process
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        return VLLMEngine(
+            str(self._engine_checkpoint()), sleep_level=r.vllm.sleep_level, tp_group=group, **kw
+        )
+
+    def _engine_checkpoint(self) -> Path:
+        """A directory vLLM can load the policy's architecture from: the model's own checkpoint directory, else
+        (a model built in code or read from GGUF) its config, tokenizer and current weights written once by the
+        main process."""
+        name = self.cfg.model.name
+        try:
+            from .models import local_checkpoint
+
+            if name not in ("tiny", "smollm2", "smollm2-135m-instruct") and not name.startswith("tiny-"):
+                return local_checkpoint(name)
+        except FileNotFoundError:
+            pass
+        path = Path(self.cfg.train.output_dir) / ".vllm-models" / name.replace("/", "--")
+        weights = dict(dist.named_weights_for_inference(self.model))  # every rank: gathering is a collective
+        if self.accel.is_main_process:
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True, exist_ok=True)
+            base = (
+                self.model.get_base_model()
+                if callable(getattr(self.model, "get_base_model", None))
+                else self.model
+            )
+            base.config.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in weights.items()},
+                str(path / "model.safetensors"),
+            )
+        self.accel.wait_for_everyone()
+        return path
+
+    def _sync_engine(self) -> None:
+        """Push the policy's weights to the vLLM engine when they changed since the last push (LoRA merged for
+        the push, FSDP shards gathered one tensor at a time, ZeRO-3 parameters gathered for the push)."""
+        if self.engine is None or not self._engine_stale:
+            return
+        with self._zero3_gathered(list(self.model.parameters())):
+            n = self.engine.push_weights(dist.named_weights_for_inference(self.model))
+        logger.debug("pushed %d tensors to the vLLM engine", n)
+        self._engine_stale = False
 
     def _apply_liger(self, model: nn.Module) -> None:
         choice = self.cfg.model.liger
@@ -417,10 +586,15 @@ class Trainer:
         each prompt's vision inputs (:class:`fastgrpo.vlm.VisionInputs`, None for a text-only prompt; they go
         with the prompt ids into packing). A VLM's prompts are rendered with its processor's chat template and
         its images / video reach generation as extra model inputs."""
+        if self.engine is not None:
+            self._sync_engine()
+            return generate_rollouts(
+                self.engine, self.tokenizer, [self._prompt(e) for e in examples], params
+            ), None
         if not is_processor(self.processor):
             with self.accel.autocast():
-                ro = generate_rollouts(
-                    self.model, self.tokenizer, [self._prompt(e) for e in examples], params
+                ro = self._gathered(
+                    generate_rollouts, self.model, self.tokenizer, [self._prompt(e) for e in examples], params
                 )
             return ro, None
         enc = encode_prompts(self.processor, examples)
@@ -432,17 +606,22 @@ class Trainer:
         extra = generation_inputs(enc, pad, model=self.model)
         del extra["input_ids"], extra["attention_mask"]  # generate_rollouts pads the ids (left) the same way
         with self.accel.autocast():
-            ro = generate_rollouts(
-                self.model, self.tokenizer, [e.ids for e in enc], params, model_inputs=extra
+            ro = self._gathered(
+                generate_rollouts,
+                self.model,
+                self.tokenizer,
+                [e.ids for e in enc],
+                params,
+                model_inputs=extra,
             )
         return ro, [e.vision for e in enc]
 
     def _sampling(self, seed: int, **overrides: Any) -> SamplingParams:
         r = self.cfg.rollout
         kw = dict(num_generations=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                  top_p=r.top_p, top_k=r.top_k, max_prompt_length=r.max_prompt_tokens, return_logprobs=False,
-                  seed=seed, prefill_once=r.prefill_once, prompt_cache=r.prompt_cache,
-                  compile_decode=r.compile_decode)  # fmt: skip
+                  top_p=r.top_p, top_k=r.top_k, max_prompt_length=r.max_prompt_tokens,
+                  return_logprobs=self._engine_behaviour_logp, seed=seed, prefill_once=r.prefill_once,
+                  prompt_cache=r.prompt_cache, compile_decode=r.compile_decode)  # fmt: skip
         kw.update(overrides)
         return SamplingParams(**kw)
 
@@ -479,7 +658,8 @@ class Trainer:
         for j, (p, c, text, trunc) in enumerate(zip(prompts, completions, ro.texts, ro.truncated.tolist())):
             score = {name: v[j] for name, v in scores.items()}
             vis = None if vision is None else vision[j // g]
-            rows.append((mine[j // g], p, c, text, bool(trunc), score, vis))
+            behaviour = None if ro.logprobs is None else ro.logprobs[j, : len(c)].cpu()
+            rows.append((mine[j // g], p, c, text, bool(trunc), score, vis, behaviour))
         rows = self._gather(rows)
         return RolloutGroups(
             example=[r[0] for r in rows],
@@ -491,10 +671,12 @@ class Trainer:
             terms=self.rewards.as_tensors([r[5] for r in rows]),
             group_size=g,
             vision=None if vision is None else [r[6] for r in rows],
+            behaviour_logp=None if ro.logprobs is None else [r[7] for r in rows],
         )
 
     def _rollout(self) -> tuple[RolloutGroups, dict[str, float]]:
         """Prompts -> scored completions, with DAPO dynamic sampling when enabled."""
+        self._hold_full_weights()  # FSDP: until the training forward (rollouts and reference passes)
         P, G = self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size
         if not self.cfg.filter.enabled:
             return self._generate_and_score(self.stream.next(P), self._seed(self.step, 0, self.rank)), {}
@@ -574,8 +756,15 @@ class Trainer:
             t = cfg.rollout.temperature
             for mb in mbs:
                 if not mb.is_padding:
-                    mb.ref_logp = self.reference.logprobs(mb.rows, temperature=t) if need_ref else None
-                    mb.old_logp = packed_logprobs(self.model, mb.rows, temperature=t) if need_old else None
+                    mb.ref_logp = (
+                        self._gathered(self.reference.logprobs, mb.rows, temperature=t) if need_ref else None
+                    )
+                    if groups.behaviour_logp is not None:  # the engine's (rollout.vllm.behaviour_logprobs)
+                        mb.old_logp = torch.cat([groups.behaviour_logp[i] for i in mb.index]).to(self.device)
+                    elif need_old:
+                        mb.old_logp = self._gathered(packed_logprobs, self.model, mb.rows, temperature=t)
+                    else:
+                        mb.old_logp = None
 
         # 3. advantages (the pipeline: reward shaping, group-relative estimator, advantage shaping)
         ref_seq = self._reference_per_sequence(groups, mbs) if self.advantages.needs_reference else None
@@ -596,6 +785,10 @@ class Trainer:
             with timer("policy"):
                 stats = self._accumulate(update)
             with timer("optimizer"):
+                if self._ds_steps is not None:  # the DeepSpeed engine clips and steps in one call
+                    grad_norm = self._ds_steps.step()
+                    self.scheduler.step()
+                    continue
                 grad_norm = self._grad_norm()
                 if math.isfinite(grad_norm):
                     self.optimizer.step()
@@ -605,6 +798,7 @@ class Trainer:
                     skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
         self._count_skipped(skipped)
+        self._engine_stale = True  # the next generation pushes the updated weights first
 
         # 5. after the update: sampler feedback; a sampler's own statistics join the step's metrics
         self.stream.observe(groups.example[::G], reward.view(-1, G).mean(1))
@@ -643,9 +837,11 @@ class Trainer:
         return metrics
 
     def _grad_norm(self) -> float:
-        """The global gradient norm, clipped to ``optim.grad_clip`` when that is > 0 (one device sync)."""
+        """The global gradient norm, clipped to ``optim.grad_clip`` when that is > 0 (one device sync). Under
+        FSDP the norm of the sharded gradients (a DTensor, reduced over the ranks by torch)."""
         clip = self.cfg.optim.grad_clip
-        return float(self.accel.clip_grad_norm_(self.params, clip if clip > 0 else math.inf))
+        norm = self.accel.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
+        return float(norm.full_tensor() if callable(getattr(norm, "full_tensor", None)) else norm)
 
     def _count_skipped(self, skipped: int) -> None:
         """A non-finite gradient skips its optimizer step (parameters, optimizer state, schedule and EMA stay as
@@ -672,6 +868,7 @@ class Trainer:
         the same forward/backward calls). The step's metrics are summed on the device and fetched once.
         """
         cfg = self.cfg
+        self._release_full_weights()  # FSDP: the training forward gathers and reshards unit by unit
         zero_weight_loss = dataclasses.replace(cfg.loss, beta=0.0)  # a step that trains nothing needs no KL
         mbs = update.micro_batches
         local_items = sum(mb.num_loss_tokens for mb in mbs)
@@ -692,22 +889,25 @@ class Trainer:
                 a, blend, mask, old, ref, loss_cfg = (torch.zeros(mb.rows.num_sequences, device=self.device), None,
                                                       None, None, None, zero_weight_loss)  # fmt: skip
             last = k == len(mbs) - 1
-            with contextlib.nullcontext() if last or self.world == 1 else self.accel.no_sync(self.policy):
-                hidden = self.policy(mb.rows)  # [M, D] at the loss positions; logits are never built
-                weight = self.head.weight.to(hidden.dtype)
-                out = grpo_loss(
-                    hidden, weight, mb.rows.targets, a, mask=mask, cu_seqlens=mb.rows.completion_cu_seqlens,
-                    old_logp=old, ref_logp=ref if loss_cfg.beta > 0 else None, temperature=temperature,
+            with dist.gradient_sync(self.policy, last or self._ds_steps is not None, self.accel, self.world):
+                # decoder and fused loss in the engine's forward (the LM head's weight is read there, gathered
+                # under FSDP / ZeRO-3); the logits are never built
+                out = self.policy(mb.rows, dict(
+                    advantages=a, mask=mask, cu_seqlens=mb.rows.completion_cu_seqlens, old_logp=old,
+                    ref_logp=ref if loss_cfg.beta > 0 else None, temperature=temperature,
                     max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=max(update.num_items, 1),
-                    blend=blend, bias=self.head.bias, config=loss_cfg,
-                )  # fmt: skip
+                    blend=blend, config=loss_cfg,
+                ))  # fmt: skip
                 scale = (
                     accumulation_weight(cfg.loss.loss_type, num_seqs=len(mb.index), total_seqs=update.num_seqs,
                                         num_tokens=m, local_tokens=local_items, world_size=self.world)
                     if trains
                     else 0.0
                 )  # fmt: skip
-                self.accel.backward(out.loss * scale)
+                if self._ds_steps is not None:
+                    self._ds_steps.backward(out.loss * scale, last)
+                else:
+                    self.accel.backward(out.loss * scale)
             if trains:  # token-weighted metrics
                 n_tok += m
                 sums[1] += (out.entropy * mask).sum().double()
@@ -857,6 +1057,7 @@ class Trainer:
         examples = self.eval_set[: num or len(self.eval_set)]
         if not examples:
             return {}
+        self._hold_full_weights()  # FSDP: ranks generate different numbers of chunks
         mine = list(range(len(examples)))[self.rank :: self.world]
         rows = []
         for s in range(0, len(mine), 32):
@@ -878,24 +1079,63 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
+        self._release_full_weights()  # FSDP: the state dict of sharded units
         rng = self._gather([capture_rng()])
         path = None
+        weights = optimizer_state = None
+        if dist.is_fsdp(self.policy):
+            # full state dicts gathered on rank 0 (a collective: every rank is here)
+            weights, optimizer_state = dist.full_state(self.policy, self.optimizer)
+        elif self._ds_steps is not None:
+            # the weights, gathered one at a time under ZeRO-3; not ZeRO's partitioned optimizer state
+            weights = {}
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    with self._zero3_gathered([p]):
+                        weights[name] = p.detach().cpu().clone()
+            optimizer_state = {
+                "deepspeed": "the ZeRO-partitioned optimizer state is not saved (docs/distributed.md)"
+            }
         if self.is_main:
             ref_state = self.reference.state_dict()
             ema = ref_state.get("ema")
             ema_shadow = ema.pop("shadow") if ema else None
             state = {"rng": rng, "sampler": self.stream.state_dict(), "reference": ref_state,
-                     "world_size": self.world, "skipped_in_a_row": self.skipped_in_a_row}  # fmt: skip
+                     "world_size": self.world, "skipped_in_a_row": self.skipped_in_a_row,
+                     "strategy": self.cfg.distributed.strategy}  # fmt: skip
             state["advantages"] = self.advantages.state_dict()  # e.g. COPO's running statistics
             path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, ema_state=ema_shadow, state=state,
-                                   config_text=self._config_text(), keep_last=self.cfg.train.keep_last)  # fmt: skip
+                                   config_text=self._config_text(), keep_last=self.cfg.train.keep_last,
+                                   weights=weights, optimizer_state=optimizer_state)  # fmt: skip
         self.accel.wait_for_everyone()
         self.saved_step = self.step
         return path
 
-    def _load(self, ckpt: Checkpoint) -> None:
-        state = apply_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+    def _load(self, ckpt: Checkpoint, training: bool = True) -> None:
+        """Continue from ``ckpt`` (``training=False``: evaluation, the weights matter). An FSDP checkpoint's
+        optimizer state is FQN-keyed (torch's full state dict) and loads into an FSDP run only; a DeepSpeed
+        checkpoint has no optimizer state (ZeRO partitions it over the ranks; :meth:`save`) and only evaluates."""
+        saved = ckpt.state.get("strategy", "ddp")
+        if saved == "deepspeed" and training:
+            raise RuntimeError(
+                f"checkpoint {ckpt.path} was written by a distributed.strategy=deepspeed run: it holds the gathered "
+                "weights (export, evaluation) but not the ZeRO-partitioned optimizer state, so a run cannot resume "
+                "from it exactly"
+            )
+        if saved != "deepspeed" and (saved == "fsdp") != (self.cfg.distributed.strategy == "fsdp"):
+            raise RuntimeError(
+                f"checkpoint {ckpt.path} was written by a distributed.strategy={saved!r} run, whose optimizer state "
+                f"has another layout; resume it with distributed.strategy={saved!r}"
+            )
+        load = None
+        if dist.is_fsdp(self.policy):
+            load = lambda weights, optim: dist.load_full_state(  # noqa: E731
+                self.policy, self.optimizer, weights, None if saved == "deepspeed" else optim
+            )
+        optimizer = None if saved == "deepspeed" else self.optimizer
+        state = apply_checkpoint(ckpt, model=self.model, optimizer=optimizer, scheduler=self.scheduler,
+                                 load=load)  # fmt: skip
         if state.get("world_size", 1) != self.world:
             raise RuntimeError(
                 f"checkpoint {ckpt.path} was written by {state.get('world_size')} processes; resume with the same "
@@ -910,6 +1150,7 @@ class Trainer:
             ref_state["ema"]["shadow"] = state["ema_state"]
         self.reference.load_state_dict(ref_state)
         restore_rng(state["rng"][self.rank])
+        self._engine_stale = True
         logger.info("resumed from %s at step %d", ckpt.path, self.step)
 
     # -- MMR1 re-scoring -------------------------------------------------------------------------------------

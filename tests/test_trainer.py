@@ -167,7 +167,7 @@ def test_micro_batches_are_really_split(tmp_path, shared, budget):
                            f"train.token_budget={budget}", f"train.shared_prompt={shared}", "train.run_name=split"))  # fmt: skip
     seen = []
     orig = trainer.policy.forward
-    trainer.policy.forward = lambda batch: (seen.append(batch.num_sequences), orig(batch))[1]
+    trainer.policy.forward = lambda batch, *loss: (seen.append(batch.num_sequences), orig(batch, *loss))[1]
     trainer.train()
     assert len(seen) > 1 and sum(seen) == 12
 

@@ -29,8 +29,15 @@ masked (``mask_truncated_completions=True``) gives TRL's loss 0 with zero gradie
 Not supported (a ``NotImplementedError`` says so at patch time and at every call, never a silent fallback):
 ``loss_type`` ``luspo`` / ``vespo``; ``top_entropy_quantile < 1``; ``off_policy_mask_threshold``;
 the adaptive entropy controller; MoE router auxiliary losses; final-logit soft-capping
-(Gemma 2/3); DeepSpeed ZeRO-3 and FSDP-sharded LM heads;
-vision-language models (the backbone must be ``model.base_model`` of a causal LM).
+(Gemma 2/3); an LM head that is an FSDP unit on its own (accelerate's FSDP2 puts it with the final norm, or in
+the root: both work); vision-language models (the backbone must be ``model.base_model`` of a causal LM).
+
+Sharded models: the loss runs *inside* the model's forward (the call TRL makes goes through every wrapper with
+a callback that the innermost causal LM's forward applies to its last hidden states), so FSDP2 has gathered the
+LM head's weight when the loss reads it and reduce-scatters its gradient after the backward, as for any
+parameter it manages. Under DeepSpeed ZeRO-3 the LM head's weight (and bias) are registered as external
+parameters of the module TRL calls (``deepspeed.zero.register_external_parameter``), so ZeRO-3 gathers them for
+that forward. No collective is written here.
 """
 
 from __future__ import annotations
@@ -75,10 +82,12 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _install_hidden_forward(model: torch.nn.Module) -> None:
-    """Let ``model(..., fastgrpo_hidden_states=True)`` return the backbone's output (no LM head).
+    """Let ``model(..., fastgrpo_hidden_states=True)`` return the backbone's output (no LM head), and
+    ``model(..., fastgrpo_hidden_states=fn)`` return ``fn(last_hidden_state)`` computed inside the forward.
 
-    The call goes through every wrapper (DDP, PEFT) exactly like TRL's ``fused_lm_head=True`` call, so gradient
-    synchronisation and adapters behave as in TRL; only the innermost causal LM's forward is wrapped.
+    The call goes through every wrapper (DDP, FSDP, DeepSpeed, PEFT) exactly like TRL's ``fused_lm_head=True``
+    call, so gradient synchronisation, parameter gathering and adapters behave as in TRL; only the innermost
+    causal LM's forward is wrapped.
     """
     lm = _causal_lm(model)
     if getattr(lm, "_fastgrpo_hidden_forward", False):
@@ -93,10 +102,13 @@ def _install_hidden_forward(model: torch.nn.Module) -> None:
 
     @functools.wraps(previous)
     def forward(self, *args, **kwargs):
-        if not kwargs.pop(_HIDDEN_KW, False):
+        then = kwargs.pop(_HIDDEN_KW, False)
+        if not then:
             return previous(*args, **kwargs)
         kwargs["use_cache"] = False
-        return self.base_model(*args, **kwargs)
+        out = self.base_model(*args, **kwargs)
+        # inside the forward: a sharded LM head is gathered now (FSDP2 unit / ZeRO-3 external parameter)
+        return then(out.last_hidden_state) if callable(then) else out
 
     lm.forward = types.MethodType(forward, lm)
     lm._fastgrpo_hidden_forward = True
@@ -129,13 +141,25 @@ def check_supported(trainer) -> None:
     text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     if getattr(text, "final_logit_softcapping", None) is not None:
         no("final-logit soft-capping (final_logit_softcapping)")
+
+
+def _zero3_enabled() -> bool:
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            no("DeepSpeed ZeRO-3")
     except ImportError:
-        pass
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _register_zero3_head(trainer) -> None:
+    """Under ZeRO-3, register the LM head's parameters as external parameters of ``trainer.model`` (the module
+    whose ``__call__`` runs the loss; PEFT calls the inner forward directly, so its hooks are the outer ones).
+    Idempotent: DeepSpeed keys them by identity."""
+    if not _zero3_enabled():
+        return
+    from fastgrpo.distributed import register_zero3_head
+
+    register_zero3_head(trainer.model, _causal_lm(trainer.model))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,27 +178,6 @@ def fastgrpo_compute_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     k = completion_ids.size(1)
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-
-    _install_hidden_forward(trainer.model)
-    with trainer.accelerator.autocast():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **{_HIDDEN_KW: True})
-        dev_type = input_ids.device.type
-        autocast_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else None
-    hidden = out.last_hidden_state[:, -k - 1 : -1]  # hidden[:, t] scores completion token t
-
-    lm = _causal_lm(trainer.model)
-    head = lm.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    if type(weight).__name__ == "DTensor":
-        raise NotImplementedError("fastgrpo's TRL drop-in does not support FSDP-sharded LM heads yet")
-    hidden = hidden.to(weight.device)
-    if args.cast_lm_head_to_fp32:
-        hidden = hidden.float()
-    elif autocast_dtype is not None:  # TRL's head runs under autocast: the GEMMs in the autocast dtype
-        hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
-        bias = None if bias is None else bias.to(autocast_dtype)
-    elif hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
 
     mode = "train" if trainer.model.training else "eval"
     gas = getattr(trainer, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
@@ -220,14 +223,36 @@ def fastgrpo_compute_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any
         chunk_size=opts.get("chunk_size"),
         backend=opts.get("backend", "auto"),
     )
-    if not bool(mask.any()):
-        res = _all_masked(hidden, weight, bias, mask, old)
-    else:
+
+    lm = _causal_lm(trainer.model)
+
+    def loss_from_hidden(last_hidden: torch.Tensor) -> GRPOLossOutput:
+        """The loss of the completion positions, inside the model's forward (module docstring)."""
+        hidden = last_hidden[:, -k - 1 : -1]  # hidden[:, t] scores completion token t
+        dev_type = hidden.device.type
+        autocast_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else None
+        head = lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if type(weight).__name__ == "DTensor":
+            raise NotImplementedError(
+                "fastgrpo's TRL drop-in: the LM head is still sharded inside the forward (an FSDP unit of its own "
+                "whose forward never runs); shard it with the final norm (accelerate's default) or the root"
+            )
+        hidden = hidden.to(weight.device)
+        if args.cast_lm_head_to_fp32:
+            hidden = hidden.float()
+        elif autocast_dtype is not None:  # TRL's head runs under autocast: the GEMMs in the autocast dtype
+            hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
+            bias = None if bias is None else bias.to(autocast_dtype)
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        if not bool(mask.any()):
+            return _all_masked(hidden, weight, bias, mask, old)
         autocast_off = (
             torch.autocast(dev_type, enabled=False) if autocast_dtype is not None else nullcontext()
         )
         with autocast_off:
-            res = grpo_loss(
+            return grpo_loss(
                 hidden,
                 weight,
                 completion_ids,
@@ -241,6 +266,11 @@ def fastgrpo_compute_loss(trainer, model: torch.nn.Module, inputs: dict[str, Any
                 bias=bias,
                 config=config,
             )
+
+    _install_hidden_forward(trainer.model)
+    _register_zero3_head(trainer)
+    with trainer.accelerator.autocast():
+        res = model(input_ids=input_ids, attention_mask=attention_mask, **{_HIDDEN_KW: loss_from_hidden})
     loss = res.loss / divisor
     _log_metrics(trainer, mode, res, inputs, mask, per_token_adv, old, ref, op_entropy_coef, loss_type)
     return loss

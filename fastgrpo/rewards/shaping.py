@@ -61,6 +61,8 @@ class RolloutGroups:
         group_size: ``G``.
         vision: a vision-language model's per-completion prompt images / video (``fastgrpo.vlm.VisionInputs``
             or None; the ``G`` completions of a prompt share one), None for a text model.
+        behaviour_logp: the rollout engine's log-probs of each completion's tokens ``[L_b]`` (vLLM with
+            ``rollout.vllm.behaviour_logprobs``), or None.
     """
 
     example: list[int]
@@ -72,6 +74,7 @@ class RolloutGroups:
     terms: dict[str, Tensor]
     group_size: int
     vision: list[Any] | None = None
+    behaviour_logp: list[Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -89,6 +92,8 @@ class RolloutGroups:
         }
         if self.vision is not None:
             cols["vision"] = self.vision
+        if self.behaviour_logp is not None:
+            cols["behaviour_logp"] = self.behaviour_logp
         cols.update({f"term/{k}": v for k, v in self.terms.items()})
         return cols
 
@@ -96,7 +101,7 @@ class RolloutGroups:
     def from_columns(cls, cols: dict[str, Any], group_size: int) -> RolloutGroups:
         terms = {k[len("term/") :]: v for k, v in cols.items() if k.startswith("term/")}
         return cls(cols["example"], cols["examples"], cols["prompt_ids"], cols["completion_ids"], cols["texts"],
-                   cols["truncated"], terms, group_size, cols.get("vision"))  # fmt: skip
+                   cols["truncated"], terms, group_size, cols.get("vision"), cols.get("behaviour_logp"))  # fmt: skip
 
 
 @dataclass
