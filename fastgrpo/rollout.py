@@ -731,16 +731,17 @@ class VLLMEngine:
             max_prompt_length=params.max_prompt_length,
             prompt_truncation=params.prompt_truncation,
         )
-        mine = slice(0, len(ids))
+        mine, seed = slice(0, len(ids)), params.seed
         if self.tp_group is not None:  # the engines of a tensor-parallel group serve the same requests
             import torch.distributed as tdist
 
             parts: list[Any] = [None] * tdist.get_world_size(self.tp_group)
-            tdist.all_gather_object(parts, ids, group=self.tp_group)
+            tdist.all_gather_object(parts, (ids, seed), group=self.tp_group)
             k = tdist.get_rank(self.tp_group)
-            start = sum(len(p) for p in parts[:k])
+            start = sum(len(p[0]) for p in parts[:k])
             mine = slice(start, start + len(ids))
-            ids = [x for p in parts for x in p]
+            ids = [x for p in parts for x in p[0]]
+            seed = parts[0][1]  # the group's engines must sample every request alike
         sp = self._sampling_params(
             n=params.num_generations,
             temperature=params.temperature if params.do_sample else 0.0,
@@ -752,7 +753,7 @@ class VLLMEngine:
             stop=list(params.stop) or None,
             include_stop_str_in_output=True,
             logprobs=0 if params.return_logprobs else None,
-            seed=params.seed,
+            seed=seed,
         )
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], sp, use_tqdm=False)[mine]
         ids = ids[mine]

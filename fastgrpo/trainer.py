@@ -452,14 +452,16 @@ class Trainer:
         """A directory vLLM can load the policy's architecture from: the model's own checkpoint directory, else
         (a model built in code or read from GGUF) its config, tokenizer and current weights written once by the
         main process."""
-        name = self.cfg.model.name
-        try:
-            from .models import local_checkpoint
+        from .models import TINY_MODELS, _is_smollm2, local_checkpoint, smollm2_dir
 
-            if name not in ("tiny", "smollm2", "smollm2-135m-instruct") and not name.startswith("tiny-"):
+        name = self.cfg.model.name
+        if _is_smollm2(name):
+            return smollm2_dir()  # the GGUF converted once to safetensors
+        if name not in TINY_MODELS:
+            try:
                 return local_checkpoint(name)
-        except FileNotFoundError:
-            pass
+            except FileNotFoundError:
+                pass
         path = Path(self.cfg.train.output_dir) / ".vllm-models" / name.replace("/", "--")
         weights = dict(dist.named_weights_for_inference(self.model))  # every rank: gathering is a collective
         if self.accel.is_main_process:

@@ -9,6 +9,7 @@ only the engines differ. Generation itself still runs through the FSDP root's ga
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -98,6 +99,25 @@ _SCRIPT = textwrap.dedent(
     Trainer._generate_and_score = own_rollouts
     run("fsdp-own", "fsdp", ["rollout.prompts_per_step=3", "loss.beta=0.05", "train.num_iterations=2",
                              "train.eval_prompts=3", "train.eval_every=2", "train.steps=2"])
+
+    # a tensor-parallel vLLM group over both ranks (a recording stand-in of vllm.LLM): the same requests and seed
+    # reach both engines, each rank gets its own prompts' completions back
+    import json
+    from fastgrpo.rollout import SamplingParams, VLLMEngine
+    from fastgrpo.tiny import tiny_model_and_tokenizer
+    from test_distributed import FakeLLM, _SamplingParams
+
+    model, tok = tiny_model_and_tokenizer()
+    llm = FakeLLM(model, tok)
+    seen = []
+    generate = llm.generate
+    llm.generate = lambda prompts, sp, use_tqdm=True: (seen.append((prompts, sp.seed)), generate(prompts, sp))[1]
+    engine = VLLMEngine(llm=llm, sampling_params_cls=_SamplingParams, tp_group=torch.distributed.group.WORLD)
+    rank = torch.distributed.get_rank()
+    prompts = [[5, 6, 7]] if rank == 0 else [[8, 9], [10, 11, 12, 13]]
+    ro = engine.generate(tok, prompts, SamplingParams(num_generations=2, max_new_tokens=3, seed=100 + rank))
+    with open(os.path.join(out, f"tp{rank}.json"), "w") as f:
+        json.dump({"requests": seen[0][0], "seed": seen[0][1], "prompts": ro.prompts()}, f)
     """
 )
 
@@ -214,3 +234,14 @@ def test_fsdp_with_rank_dependent_rollouts_kl_and_evaluation(runs):
     train = [r for r in rows if "reward" in r]
     assert len(train) == 2 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in train)
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]
+
+
+def test_vllm_tensor_parallel_group_serves_the_same_requests(runs):
+    r0, r1 = (json.loads((runs / f"tp{r}.json").read_text()) for r in (0, 1))
+    assert (
+        r0["requests"]
+        == r1["requests"]
+        == [{"prompt_token_ids": p} for p in ([5, 6, 7], [8, 9], [10, 11, 12, 13])]
+    )
+    assert r0["seed"] == r1["seed"] == 100  # the group's first rank's seed
+    assert r0["prompts"] == [[5, 6, 7]] * 2 and r1["prompts"] == [[8, 9]] * 2 + [[10, 11, 12, 13]] * 2
