@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PolicyLoss",
-    "STRATEGIES",
     "fsdp_block_names",
     "fsdp_kwargs",
     "shard_policy",
@@ -69,7 +68,6 @@ __all__ = [
     "named_weights_for_inference",
 ]
 
-STRATEGIES = ("ddp", "fsdp", "deepspeed")
 _ROOT_PREFIX = "model."  # PolicyLoss holds the policy as `.model`: its parameter names gain this prefix
 
 

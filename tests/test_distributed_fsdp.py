@@ -118,6 +118,36 @@ _SCRIPT = textwrap.dedent(
     ro = engine.generate(tok, prompts, SamplingParams(num_generations=2, max_new_tokens=3, seed=100 + rank))
     with open(os.path.join(out, f"tp{rank}.json"), "w") as f:
         json.dump({"requests": seen[0][0], "seed": seen[0][1], "prompts": ro.prompts()}, f)
+
+    # the GPU path's sharding (accelerate's own fsdp2_prepare_model with fastgrpo's plugin) against shard_policy
+    from types import SimpleNamespace
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from fastgrpo.config import load_config as load
+    from fastgrpo.packing import pack
+
+    fcfg = load(None, ["distributed.strategy=fsdp"]).distributed.fsdp
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]])
+    kw = dict(advantages=torch.tensor([1.0, -0.5]), cu_seqlens=batch.completion_cu_seqlens)
+    result = {}
+    for how in ("accelerate", "shard_policy"):
+        model, _ = tiny_model_and_tokenizer(seed=5)
+        policy = dist.PolicyLoss(model)
+        if how == "accelerate":
+            plugin = dist.fsdp_plugin(fcfg, "no", torch.device("cpu"), dist.fsdp_block_names(model))
+            acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                  is_main_process=rank == 0, device=torch.device("cpu"))
+            policy = fsdp2_prepare_model(acc, policy)
+            dist.register_gathered(policy)
+        else:
+            dist.shard_policy(policy, fcfg, "no", torch.device("cpu"))
+        loss = policy(batch, kw).loss
+        loss.backward()
+        grads = {n: p.grad.full_tensor().tolist() for n, p in policy.named_parameters()}
+        units = sorted(n for n, m in policy.named_modules() if dist.is_fsdp(m))
+        result[how] = {"units": units, "loss": float(loss), "grads": grads}
+    if rank == 0:
+        with open(os.path.join(out, "accelerate-fsdp.json"), "w") as f:
+            json.dump(result, f)
     """
 )
 
@@ -245,3 +275,16 @@ def test_vllm_tensor_parallel_group_serves_the_same_requests(runs):
     )
     assert r0["seed"] == r1["seed"] == 100  # the group's first rank's seed
     assert r0["prompts"] == [[5, 6, 7]] * 2 and r1["prompts"] == [[8, 9]] * 2 + [[10, 11, 12, 13]] * 2
+
+
+def test_accelerate_fsdp2_plugin_shards_like_the_cpu_path(runs):
+    """What accelerate's FSDP plugin does on GPUs (its ``fsdp2_prepare_model``, run here on gloo with fastgrpo's
+    plugin) builds the same units as :func:`fastgrpo.distributed.shard_policy`, and the fused loss and every
+    gradient, the LM head's included, come out the same."""
+    res = json.loads((runs / "accelerate-fsdp.json").read_text())
+    a, b = res["accelerate"], res["shard_policy"]
+    assert a["units"] == b["units"] == ["", "model.model.layers.0", "model.model.layers.1"]
+    assert a["loss"] == b["loss"] and a["grads"].keys() == b["grads"].keys()
+    for name, g in a["grads"].items():
+        assert g == b["grads"][name], name
+    assert any(v != 0 for row in a["grads"]["model.lm_head.weight"] for v in row)
