@@ -148,6 +148,39 @@ _SCRIPT = textwrap.dedent(
     if rank == 0:
         with open(os.path.join(out, "accelerate-fsdp.json"), "w") as f:
             json.dump(result, f)
+
+    # the TRL drop-in on a model sharded as accelerate's FSDP2 does it for TRL (blocks, embeddings, a [final norm,
+    # LM head] unit, root): each rank its own batch; loss as unsharded, gradients = the ranks' mean
+    from test_trl_integration import B, K, _make
+    from fastgrpo.integrations import trl as fg_trl
+
+    trainer = _make(os.path.join(out, "trl"))
+    trainer.beta, trainer.loss_type = 0.04, "grpo"
+    g = torch.Generator().manual_seed(rank)
+    inputs = {"prompt_ids": torch.randint(4, 400, (B, 5), generator=g), "prompt_mask": torch.ones(B, 5, dtype=torch.long),
+              "completion_ids": torch.randint(4, 400, (B, K), generator=g), "advantages": torch.randn(B, generator=g),
+              "old_per_token_logps": -torch.rand(B, K, generator=g), "ref_per_token_logps": -torch.rand(B, K, generator=g)}
+    inputs["completion_mask"] = (torch.arange(K)[None] < torch.randint(1, K + 1, (B, 1), generator=g)).long()
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    trainer.model.train()
+    plain_loss = fg_trl.fastgrpo_compute_loss(trainer, trainer.model, inputs)
+    plain_loss.backward()
+    plain = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    for grad in plain.values():
+        torch.distributed.all_reduce(grad)
+        grad /= 2
+    trainer.model.zero_grad(set_to_none=True)
+    plugin = dist.fsdp_plugin(fcfg, "no", torch.device("cpu"), dist.fsdp_block_names(trainer.model))
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                          is_main_process=rank == 0, device=torch.device("cpu"))
+    sharded = fsdp2_prepare_model(acc, trainer.model)
+    loss = fg_trl.fastgrpo_compute_loss(trainer, sharded, inputs)
+    loss.backward()
+    err = max(float((p.grad.full_tensor() - plain[n]).abs().max()) for n, p in sharded.named_parameters())
+    units = sorted(n for n, m in sharded.named_modules() if dist.is_fsdp(m))
+    with open(os.path.join(out, f"trl-fsdp{rank}.json"), "w") as f:
+        json.dump({"units": units, "loss": float(loss), "plain_loss": float(plain_loss), "grad_err": err,
+                   "head_grad": float(plain["lm_head.weight"].abs().max())}, f)
     """
 )
 
@@ -288,3 +321,14 @@ def test_accelerate_fsdp2_plugin_shards_like_the_cpu_path(runs):
     for name, g in a["grads"].items():
         assert g == b["grads"][name], name
     assert any(v != 0 for row in a["grads"]["model.lm_head.weight"] for v in row)
+
+
+def test_trl_dropin_under_accelerate_fsdp2(runs):
+    """The TRL drop-in on a model sharded by accelerate's FSDP2 preparation (the LM head in a unit with the final
+    norm): the loss reads the gathered head inside the forward; the loss equals the unsharded one and every
+    gradient (LM head included) the mean of the ranks' unsharded gradients."""
+    for r in (0, 1):
+        res = json.loads((runs / f"trl-fsdp{r}.json").read_text())
+        assert "lm_head" in res["units"] and "model.norm" in res["units"] and "model.layers.0" in res["units"]
+        assert res["loss"] == res["plain_loss"]
+        assert res["grad_err"] <= 1e-6 * max(1.0, res["head_grad"]) and res["head_grad"] > 0
