@@ -3,7 +3,7 @@
 .. code-block:: text
 
     fastgrpo train [--config F] [--set KEY=VALUE ...] [--resume DIR] [--tiny]
-    fastgrpo eval  (--run DIR | --config F [--set ...]) [--checkpoint DIR] [--num N] [--tiny]
+    fastgrpo eval  (--run DIR | --config F [--set ...]) [--checkpoint DIR] [--num N] [--search prm] [--tiny]
     fastgrpo bench ARGS...            forwards ARGS to bench/run.py (source checkout only)
     fastgrpo plot  RUN_DIR [--out FILE]
     fastgrpo tasks list | show NAME [--n N] [--out DIR] [--seed S] [--set KEY=VALUE ...]
@@ -43,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true")
 
-    p = sub.add_parser("eval", help="greedy held-out accuracy of a model or a run's checkpoint")
+    p = sub.add_parser("eval", help="held-out accuracy of a model or a run's checkpoint (greedy or PRM search)")  # fmt: skip
     p.add_argument("--run", metavar="DIR", help="a run directory (its config.yaml and latest checkpoint)")
     p.add_argument("--config", help="YAML config (when not evaluating a run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--checkpoint", metavar="DIR", help="a checkpoint to load (default: the run's latest)")
     p.add_argument("--num", type=int, default=None, help="number of held-out prompts (default task.num_eval)")
+    p.add_argument("--search", choices=("greedy", "prm"), default="greedy",
+                   help="decoding: greedy (default), or prm: GroundedPRM-guided step search (advantage.prm)")  # fmt: skip
     p.add_argument("--tiny", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(args.config, overrides)
             if args.tiny:
                 cfg = apply_overrides(cfg, [_tiny_model(cfg)])
-            metrics = evaluate_run(cfg, run_dir=args.run, checkpoint=args.checkpoint, num=args.num)
+            metrics = evaluate_run(cfg, run_dir=args.run, checkpoint=args.checkpoint, num=args.num,
+                                   search=args.search)  # fmt: skip
             _echo(json.dumps(metrics, indent=2))
             return 0
     except (ConfigError, FileNotFoundError, CheckpointError, FloatingPointError, ImportError) as e:

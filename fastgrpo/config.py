@@ -253,14 +253,30 @@ class CopoConfig:
 
 @dataclass
 class PrmConfig:
-    """Process rewards: each step (a piece of the completion between ``step_sep``) is checked by the
-    ``verifier`` and the step scores become token-level advantages (``params``: the ``grounded_prm`` scheme's
-    ``mode``, ``process_weight``, ``outcome_weight``, ``eps``), added to the outcome advantage."""
+    """GroundedPRM process rewards and search.
+
+    Training (``enabled``): each step of a completion (the text between ``step_sep``; the library's tasks write one
+    step per line) is checked by the ``verifier`` given the completion's question and the steps before it, and the
+    step scores become token-level advantages (``params``: the ``grounded_prm`` scheme's ``mode``,
+    ``process_weight``, ``outcome_weight``, ``eps``), added to the outcome advantage. ``grounded``: a true step
+    earns +1 only when it computes what the question asks from its quantities and earlier results, and the
+    answer step is checked against them (:class:`fastgrpo.rewards.prm.ArithmeticStepVerifier`); false checks the
+    arithmetic only.
+
+    Search (``fastgrpo eval --search prm``, whether or not ``enabled``): ``search`` holds the
+    ``prm_greedy_search`` scheme's ``num_candidates``, ``max_iter``, ``token_budget``; candidates are sampled at
+    ``search_temperature``, at most ``max_step_tokens`` tokens per step, stopping at ``step_sep`` and at the end
+    of the assistant turn.
+    """
 
     enabled: bool = False
     params: dict[str, Any] = field(default_factory=dict)
     verifier: Literal["arithmetic"] = "arithmetic"
+    grounded: bool = True
     step_sep: str = "\n"
+    search: dict[str, Any] = field(default_factory=dict)
+    search_temperature: float = 0.7
+    max_step_tokens: int = 64
 
 
 @dataclass
@@ -332,10 +348,15 @@ class SamplerConfig:
 
     ``random``: a fresh shuffle per epoch; ``sequential``: dataset order; ``curriculum``: stages in a fixed
     order, shuffled within each stage (RewardMap); ``curriculum_gated``: next stage once the stage's mean
-    reward passes ``params.threshold`` (beyond the paper); ``mmr1``: MMR1 variance-aware sampling, re-scoring
-    the whole training set every ``params.update_every`` steps with ``refresh_generations`` rollouts per
-    prompt and the ``mmr1_vps`` score (``vps``: its ``alpha``, ``beta``, ``method``).
-    ``params``: the registry sampler's parameters (``curriculum``, ``gated_curriculum``, ``vas``).
+    reward passes ``params.threshold`` (beyond the paper); ``mmr1``: MMR1 variance-aware sampling
+    (:class:`fastgrpo.sampling.VarianceAwareSampler`): each prompt's variance promotion score (``vps``: the
+    ``mmr1_vps`` scheme's ``alpha``, ``beta``, ``method``) is estimated from the training rollouts themselves
+    (the accuracy term of every group trained on), and every ``params.update_every`` steps the prompts whose
+    estimate is missing or older than ``params.stale_after`` steps are re-scored with ``refresh_generations``
+    fresh rollouts each, at most ``params.rescore_budget`` prompts per refresh (None: all of them).
+    ``params``: the registry sampler's parameters (``curriculum``, ``gated_curriculum``, ``vas``): they belong to
+    ``kind``, and an override that changes ``kind`` (``--set sampler.kind=random``) without setting ``params``
+    too drops the old kind's ``params``.
     ``stages``: lists of ``meta[stage_key]`` labels per stage (default: RewardMap's four stages).
     """
 
@@ -619,8 +640,28 @@ def _check_schemes(cfg: Config) -> None:
         raise ConfigError(
             "advantage: copo and prm cannot be combined (COPO blends sequence-level advantages)"
         )
-    _check_params("sampler.params", _SAMPLER_SCHEMES[cfg.sampler.kind], cfg.sampler.params)
-    if cfg.sampler.kind == "mmr1":
+    _check_params("advantage.prm.search", "prm_greedy_search", adv.prm.search)
+    if not adv.prm.step_sep:
+        raise ConfigError(
+            "advantage.prm.step_sep: must be a non-empty string (the arithmetic task uses '\\n')"
+        )
+    kind = cfg.sampler.kind
+    try:
+        from .rewards.registry import scheme_params
+
+        scheme_params(_SAMPLER_SCHEMES[kind], cfg.sampler.params)
+    except ValueError as e:
+        owners = [
+            k for k, name in _SAMPLER_SCHEMES.items() if k != kind and _params_fit(name, cfg.sampler.params)
+        ]
+        hint = (
+            f"; they are parameters of sampler.kind={owners[0]}: set sampler.params={{}} (or this sampler's own "
+            "parameters) when changing sampler.kind"
+            if owners
+            else ""
+        )
+        raise ConfigError(f"sampler.params: {e}{hint}") from None
+    if kind == "mmr1":
         _check_params("sampler.vps", "mmr1_vps", cfg.sampler.vps)
 
 
@@ -650,6 +691,16 @@ def _check_distributed(cfg: Config) -> None:
                 f"rollout.vllm.max_model_len: {r.vllm.max_model_len} cannot hold a prompt and completion of the "
                 f"longest allowed length ({r.max_prompt_tokens} + {r.max_new_tokens}); raise it or leave it unset"
             )
+
+
+def _params_fit(scheme: str, params: dict) -> bool:
+    from .rewards.registry import scheme_params
+
+    try:
+        scheme_params(scheme, params)
+    except ValueError:
+        return False
+    return True
 
 
 def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> tuple[Callable, str]:
@@ -686,6 +737,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.grad_clip": (lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
     "optim.warmup_steps": _NON_NEGATIVE,
     "sampler.refresh_generations": _POSITIVE,
+    "advantage.prm.search_temperature": (lambda v: v > 0, "must be > 0 (it divides the logits)"),
+    "advantage.prm.max_step_tokens": _POSITIVE,
     "filter.max_gen_batches": _POSITIVE,
     "train.steps": _POSITIVE,
     "train.num_iterations": _POSITIVE,
@@ -792,7 +845,20 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         except yaml.YAMLError:
             value = raw
         _set_path(data, dotted, value)
+    _drop_params_of_old_sampler(config_to_dict(cfg), data, overrides)
     return build_dataclass(Config, data).validate()
+
+
+def _drop_params_of_old_sampler(before: dict, data: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """``sampler.params`` belong to ``sampler.kind``: an override that changes the kind and leaves the params alone
+    drops them (they would not fit the new sampler), saying so."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    old, new = before["sampler"]["kind"], data.get("sampler", {}).get("kind")
+    touched = any(k == "sampler" or k.startswith("sampler.params") for k in keys)
+    if new != old and not touched and data["sampler"].get("params"):
+        logger.info("sampler.kind changed from %r to %r: dropped sampler.params %s of the %r sampler",
+                    old, new, data["sampler"]["params"], old)  # fmt: skip
+        data["sampler"]["params"] = {}
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:

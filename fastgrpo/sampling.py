@@ -10,8 +10,9 @@
 - :class:`VarianceAwareSampler` — MMR1's ``MixedCurriculumSampler`` as a batch sampler: per batch of
   ``B``, ``floor(mix_ratio * B)`` indices drawn with replacement in proportion to the VPS weights and the
   rest from a fixed uniform permutation consumed sequentially (wrapping around without reshuffling), the two
-  parts interleaved; weights refreshed every ``update_every`` batches through a callback that re-scores the
-  dataset (:func:`fastgrpo.rewards.mmr1.variance_promotion_score`).
+  parts interleaved. Each prompt's score is estimated from the training rollouts themselves
+  (:meth:`PromptStream.observe`), and every ``update_every`` batches only the prompts whose estimate is missing
+  or stale are re-scored with fresh rollouts, on a budget (:func:`fastgrpo.rewards.mmr1.variance_promotion_score`).
 - :func:`dynamic_group_filter` and :class:`DynamicSamplingBuffer` — DAPO's dynamic sampling: drop groups
   whose rewards are all equal (no GRPO signal), keep generating until enough groups remain, then truncate
   to exactly the target, giving up after ``max_num_gen_batches``.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ __all__ = [
     "stages_from_labels",
     "CurriculumSampler",
     "PerformanceGatedCurriculumSampler",
+    "StepFeedback",
     "VarianceAwareSampler",
     "GroupFilterResult",
     "dynamic_group_filter",
@@ -305,27 +308,71 @@ class PerformanceGatedCurriculumSampler(Sampler[int]):
         self._recent = deque((float(x) for x in state["recent"]), maxlen=self.window)
 
 
-class VarianceAwareSampler(Sampler[list[int]]):
-    """MMR1 Variance-Aware Sampling as a batch sampler (pass it as ``DataLoader(batch_sampler=...)``).
+RescoreFn = Callable[[list[int]], tuple[Tensor, Sequence[Any]]]
+ScoreFn = Callable[[Tensor, Sequence[Any] | None], Tensor]
 
-    Each batch: ``B_w = floor(mix_ratio * batch_size)`` indices drawn with replacement with probability
-    proportional to the weights, ``B_r = batch_size - B_w`` taken in order from one fixed random permutation
-    of the dataset (wrapping around, never reshuffled), interleaved ``w0, r0, w1, r1, ...`` (the longer part's
-    tail last). Before batch ``s`` (counting from 0 over the whole run) the weights are refreshed when
-    ``s % update_every == 0`` (at ``s = 0`` only if no weights were given) by calling ``refresh_fn()``,
-    which must re-score the whole dataset and return raw VPS ``[dataset_size]``; they are min-max
-    normalised (``eps = 1e-8``) and mixed with the old weights by ``momentum`` (0 = replace).
+
+def _outcome_variance(acc: Tensor, responses: Sequence[Any] | None = None) -> Tensor:
+    # rewards.mmr1 imports the samplers through the registry: imported at call time, not at module load
+    from fastgrpo.rewards.mmr1 import outcome_variance
+
+    return outcome_variance(acc)
+
+
+@dataclass
+class StepFeedback:
+    """What a training step learned about the prompts it trained on, one row per prompt group.
+
+    Attributes:
+        indices: dataset index of each group's prompt ``[P]`` (a prompt drawn twice has two groups).
+        group_rewards: mean total reward of each group ``[P]``.
+        accuracy: correctness of each completion ``[P, G]`` (the accuracy reward term), or None.
+        completion_ids: token ids of each completion, ``P`` lists of ``G`` lists, or None.
+    """
+
+    indices: list[int]
+    group_rewards: Tensor
+    accuracy: Tensor | None = None
+    completion_ids: Sequence[Sequence[Sequence[int]]] | None = None
+
+
+class VarianceAwareSampler(Sampler[list[int]]):
+    """MMR1 Variance-Aware Sampling as a batch sampler, scoring prompts from the rollouts training already makes.
+
+    **Batches** (MMR1's ``MixedCurriculumSampler``): ``B_w = floor(mix_ratio * batch_size)`` indices drawn with
+    replacement with probability proportional to the weights, ``B_r = batch_size - B_w`` taken in order from one
+    fixed random permutation of the dataset (wrapping around, never reshuffled), interleaved ``w0, r0, w1, r1,
+    ...`` (the longer part's tail last). Pass it as ``DataLoader(batch_sampler=...)`` or call :meth:`next_batch`.
+
+    **Estimates.** Each prompt carries an estimate of its raw variance promotion score, ``score_fn(acc [k, N],
+    responses) -> [k]`` (:func:`fastgrpo.rewards.mmr1.variance_promotion_score`; default the outcome variance
+    ``p(1 - p)`` alone), and the batch at which it was made. They come from
+
+    - the training rollouts (:meth:`observe`): every group a step sampled is a fresh estimate of its prompt, at
+      no cost (MMR1's Algorithm 1; the released code re-scores only);
+    - re-scoring: before batch ``s`` with ``s % update_every == 0``, the prompts whose estimate is missing, or made
+      ``stale_after`` or more batches ago, are re-scored by ``rescore_fn(indices) -> (acc [k, N], responses)``
+      with fresh rollouts: missing ones first (those the uniform part reaches last first), then the oldest, at most
+      ``rescore_budget`` prompts (None: all of them, which at batch 0 is the paper's full scoring of the dataset).
+
+    A new estimate replaces the old one, ``vps <- m * old + (1 - m) * new`` with ``momentum`` m (0 = replace).
+
+    **Weights**: min-max over the known estimates, ``w = (vps - min) / (max - min + 1e-8)``; a prompt without an
+    estimate weighs ``unknown_weight`` (1.0: like the best known prompt, so the weighted half explores it and its
+    training rollouts measure it). Without any estimate, or when every weight is 0, the weighted part draws
+    uniformly.
 
     Args:
         dataset_size: number of prompts. batch_size: prompts per batch.
         mix_ratio: λ (0.5 in every MMR1 setting; 1.0 hurts in the paper's ablation).
-        update_every: refresh period T in batches (56, the paper's Table 6; the released yaml uses 4).
-        refresh_fn: the re-scoring callback (None: weights stay as given or uniform).
-        weights: optional initial weights ``[dataset_size]`` (already normalised).
+        update_every: re-scoring period in batches (56, the paper's Table 6; the released yaml uses 4).
+        rescore_fn: the re-scoring callback (None: estimates come from :meth:`observe` only).
+        score_fn: raw score of prompts from their rollouts' accuracies ``[k, N]`` and token ids.
+        rescore_budget: prompts re-scored per refresh (None: every missing or stale one).
+        stale_after: age in batches from which an estimate is re-scored (None: ``update_every``).
+        unknown_weight: weight of a prompt without an estimate, in [0, 1].
         num_batches: batches per epoch (``len(sampler)``), default ``ceil(dataset_size / batch_size)``.
-        momentum: weight momentum. seed: RNG seed.
-
-    If every weight is 0 (all prompts scored alike), the weighted part falls back to uniform draws.
+        momentum: estimate momentum. seed: RNG seed.
     """
 
     def __init__(
@@ -335,8 +382,11 @@ class VarianceAwareSampler(Sampler[list[int]]):
         *,
         mix_ratio: float = 0.5,
         update_every: int = 56,
-        refresh_fn: Callable[[], Tensor] | None = None,
-        weights: Tensor | None = None,
+        rescore_fn: RescoreFn | None = None,
+        score_fn: ScoreFn | None = None,
+        rescore_budget: int | None = None,
+        stale_after: int | None = None,
+        unknown_weight: float = 1.0,
         num_batches: int | None = None,
         momentum: float = 0.0,
         seed: int = 0,
@@ -347,11 +397,23 @@ class VarianceAwareSampler(Sampler[list[int]]):
             raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
         if update_every <= 0:
             raise ValueError(f"update_every must be > 0, got {update_every}")
+        if rescore_budget is not None and rescore_budget < 0:
+            raise ValueError(f"rescore_budget must be >= 0 or None (no limit), got {rescore_budget}")
+        if stale_after is not None and stale_after < 0:
+            raise ValueError(f"stale_after must be >= 0 or None (= update_every), got {stale_after}")
+        if not 0.0 <= unknown_weight <= 1.0:
+            raise ValueError(f"unknown_weight must be in [0, 1], got {unknown_weight}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.dataset_size = int(dataset_size)
         self.batch_size = int(batch_size)
         self.mix_ratio = float(mix_ratio)
         self.update_every = int(update_every)
-        self.refresh_fn = refresh_fn
+        self.rescore_fn = rescore_fn
+        self.score_fn = score_fn or _outcome_variance
+        self.rescore_budget = rescore_budget
+        self.stale_after = self.update_every if stale_after is None else int(stale_after)
+        self.unknown_weight = float(unknown_weight)
         self.momentum = float(momentum)
         self.seed = int(seed)
         self.num_batches = (
@@ -362,42 +424,116 @@ class VarianceAwareSampler(Sampler[list[int]]):
         self._perm_pos = 0
         self._step = 0
         self._epoch_pos = 0
-        self._weights: Tensor | None = None
-        if weights is not None:
-            self.set_weights(weights)
+        self._vps = torch.full((self.dataset_size,), math.nan, dtype=torch.float64)
+        self._made = torch.full((self.dataset_size,), -1, dtype=torch.long)  # batch of each estimate
+        self._weights: Tensor | None = None  # cache, rebuilt when an estimate changes
+        self._rescored = 0  # since the last observe (metrics)
+        self._rescore_s = 0.0
+        self._step_metrics: dict[str, float] = {}
 
     @property
     def weighted_per_batch(self) -> int:
         return int(math.floor(self.mix_ratio * self.batch_size))
 
     @property
-    def weights(self) -> Tensor | None:
-        """Current sampling weights ``[dataset_size]`` (None before the first refresh)."""
+    def estimates(self) -> Tensor:
+        """Raw score estimate of each prompt, fp64 ``[dataset_size]``; NaN where there is none yet."""
+        return self._vps.clone()
+
+    @property
+    def weights(self) -> Tensor:
+        """Current sampling weights, fp64 ``[dataset_size]`` (class docstring)."""
+        if self._weights is None:
+            known = ~torch.isnan(self._vps)
+            w = torch.full((self.dataset_size,), self.unknown_weight, dtype=torch.float64)
+            if bool(known.any()):
+                v = self._vps[known]
+                w[known] = (v - v.min()) / (v.max() - v.min() + 1e-8)
+            else:
+                w.fill_(1.0)
+            self._weights = w
         return self._weights
 
-    def set_weights(self, weights: Tensor) -> None:
-        _check_tensor("weights", weights, ndim=1)
-        if weights.shape[0] != self.dataset_size:
-            raise ValueError(f"weights must have shape [{self.dataset_size}], got {_shape(weights)}")
-        w = _check_real("weights", weights).to(torch.float64).cpu()
-        if bool((w < 0).any()):
-            raise ValueError(f"weights must be >= 0, got a negative value in shape {_shape(weights)}")
-        self._weights = w
+    def set_scores(self, indices: Sequence[int], scores: Tensor) -> None:
+        """Record fresh raw scores ``[k]`` of the prompts ``indices`` (applied in order, with momentum)."""
+        _check_tensor("scores", scores, ndim=1)
+        if scores.shape[0] != len(indices):
+            raise ValueError(f"scores must have shape [{len(indices)}] (one per index), got {_shape(scores)}")
+        s = _check_real("scores", scores).to(torch.float64).cpu().tolist()
+        for i, v in zip(indices, s):
+            i = int(i)
+            if not 0 <= i < self.dataset_size:
+                raise ValueError(f"prompt index {i} is outside the dataset [0, {self.dataset_size})")
+            old = float(self._vps[i])
+            self._vps[i] = (
+                v if math.isnan(old) or not self.momentum else self.momentum * old + (1 - self.momentum) * v
+            )
+            self._made[i] = self._step
+        self._weights = None
 
-    def refresh(self) -> None:
-        """Re-score the dataset through ``refresh_fn`` and update the weights (min-max + momentum)."""
-        if self.refresh_fn is None:
-            return
-        vps = self.refresh_fn()
-        _check_tensor("refresh_fn()", vps, ndim=1)
-        if vps.shape[0] != self.dataset_size:
-            raise ValueError(f"refresh_fn() must return shape [{self.dataset_size}], got {_shape(vps)}")
-        v = _check_real("refresh_fn()", vps).to(torch.float64).cpu()
-        w = (v - v.min()) / (v.max() - v.min() + 1e-8)
-        if self._weights is not None and self.momentum:
-            w = self.momentum * self._weights + (1 - self.momentum) * w
-        self._weights = w
-        logger.info("VAS refresh at batch %d: weight mean %.4f", self._step, float(w.mean()))
+    def _score(self, indices: Sequence[int], acc: Tensor, responses: Sequence[Any] | None) -> None:
+        _check_tensor("accuracy", acc, ndim=2)
+        if acc.shape[0] != len(indices):
+            raise ValueError(
+                f"accuracy must have one row per prompt, shape [{len(indices)}, N], got {_shape(acc)}"
+            )
+        self.set_scores(indices, self.score_fn(acc.float().cpu(), responses))
+
+    def due_for_rescoring(self) -> list[int]:
+        """The prompts a refresh now would re-score, in order (class docstring), before the budget."""
+        missing = torch.isnan(self._vps)
+        pos = torch.empty(self.dataset_size, dtype=torch.long)
+        pos[self._perm] = torch.arange(self.dataset_size)
+        ahead = (pos - self._perm_pos) % self.dataset_size  # how far the uniform part is from each prompt
+        first = sorted(missing.nonzero().flatten().tolist(), key=lambda i: (-int(ahead[i]), i))
+        stale = (~missing) & (self._step - self._made >= self.stale_after)
+        then = sorted(stale.nonzero().flatten().tolist(), key=lambda i: (int(self._made[i]), i))
+        return first + then
+
+    def refresh(self) -> list[int]:
+        """Re-score the due prompts (within the budget) through ``rescore_fn``; returns their indices."""
+        if self.rescore_fn is None:
+            return []
+        due = self.due_for_rescoring()
+        if self.rescore_budget is not None:
+            due = due[: self.rescore_budget]
+        if not due:
+            return []
+        t0 = time.perf_counter()
+        acc, responses = self.rescore_fn(due)
+        self._score(due, acc, responses)
+        self._rescore_s += time.perf_counter() - t0
+        self._rescored += len(due)
+        logger.info("VAS: re-scored %d prompts before batch %d (%.1fs)", len(due), self._step,
+                    time.perf_counter() - t0)  # fmt: skip
+        return due
+
+    def observe(self, feedback: StepFeedback) -> None:
+        """Fresh estimates of the prompts a training step sampled, from its groups' accuracies ``[P, G]`` (and
+        completions, when ``score_fn`` reads them)."""
+        if feedback.accuracy is None:
+            raise ValueError(
+                "VarianceAwareSampler.observe needs the accuracy of each completion (feedback.accuracy [P, G])"
+            )
+        acc = feedback.accuracy
+        self._score(feedback.indices, acc, feedback.completion_ids)
+        flat = acc.float()
+        zero = (
+            (flat.max(1).values == flat.min(1).values).double().mean() if acc.shape[1] > 1 else torch.ones(())
+        )
+        self._step_metrics = {
+            "vas/zero_var_groups": float(zero),
+            "vas/known": float((~torch.isnan(self._vps)).double().mean()),
+            "vas/rescored": float(self._rescored),
+            "time/vas_rescore": self._rescore_s,
+        }
+        self._rescored, self._rescore_s = 0, 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """For the step's log, about the step observed last: ``vas/zero_var_groups`` (share of its groups whose
+        accuracy is equal across the group), ``vas/known`` (share of prompts with an estimate), ``vas/rescored``
+        (prompts re-scored before it) and ``time/vas_rescore`` (seconds spent re-scoring them)."""
+        return dict(self._step_metrics)
 
     def _uniform(self, k: int) -> list[int]:
         out = []
@@ -407,13 +543,12 @@ class VarianceAwareSampler(Sampler[list[int]]):
         return out
 
     def next_batch(self) -> list[int]:
-        """Draw one batch (refreshing first when due) and advance the state."""
-        due = self._step % self.update_every == 0 and (self._step > 0 or self._weights is None)
-        if due:
+        """Draw one batch (re-scoring first when due) and advance the state."""
+        if self._step % self.update_every == 0:
             self.refresh()
         bw = self.weighted_per_batch
-        w = self._weights
-        if w is None or float(w.sum()) <= 0:
+        w = self.weights
+        if float(w.sum()) <= 0:
             w = torch.ones(self.dataset_size, dtype=torch.float64)
         weighted = torch.multinomial(w, bw, replacement=True, generator=self._gen).tolist() if bw else []
         uniform = self._uniform(self.batch_size - bw)
@@ -442,18 +577,25 @@ class VarianceAwareSampler(Sampler[list[int]]):
             "epoch_pos": self._epoch_pos,
             "perm": self._perm.clone(),
             "perm_pos": self._perm_pos,
-            "weights": None if self._weights is None else self._weights.clone(),
+            "estimates": self._vps.clone(),
+            "made": self._made.clone(),
             "generator": self._gen.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "estimates" not in state:
+            raise ValueError(
+                "this VarianceAwareSampler state predates online estimates (it holds 'weights', not 'estimates'); "
+                "start a new run"
+            )
         self.seed, self._step, self._epoch_pos = (
             int(state["seed"]),
             int(state["step"]),
             int(state["epoch_pos"]),
         )
         self._perm, self._perm_pos = state["perm"].clone(), int(state["perm_pos"])
-        self._weights = None if state["weights"] is None else state["weights"].clone()
+        self._vps, self._made = state["estimates"].clone(), state["made"].clone()
+        self._weights = None
         self._gen.set_state(state["generator"])
 
 
@@ -595,12 +737,14 @@ class DynamicSamplingBuffer:
 
 class PromptStream:
     """The training loop's view of a sampler: :meth:`next` draws prompt indices across epochs, :meth:`observe`
-    reports each step's rewards to samplers that learn from them; the state lives in the sampler.
+    reports each step's groups to samplers that learn from them; the state lives in the sampler.
 
     Samplers: a :class:`CurriculumSampler` is restarted with a new epoch (a reshuffle within stages) when it
-    runs out; a batch sampler (:class:`VarianceAwareSampler`) gives whole batches; a sampler with an
-    ``update(indices, rewards)`` method (:class:`PerformanceGatedCurriculumSampler`) is fed the mean reward
-    of each prompt's group after every step.
+    runs out; a batch sampler (:class:`VarianceAwareSampler`) gives whole batches. After every step, a sampler
+    with an ``update(indices, rewards)`` method (:class:`PerformanceGatedCurriculumSampler`) is fed the mean
+    reward of each prompt's group, and one with an ``observe(feedback)`` method (:class:`VarianceAwareSampler`)
+    the whole :class:`StepFeedback` (accuracies and completions too). A sampler's ``metrics()`` join the step's
+    log (the trainer reads them).
     """
 
     def __init__(self, sampler: Any):
@@ -624,11 +768,22 @@ class PromptStream:
                     raise RuntimeError("the prompt sampler is exhausted")
         return out
 
-    def observe(self, indices: Sequence[int], group_rewards: Tensor) -> None:
-        """After a step: ``indices`` of the prompts trained on and their groups' mean rewards ``[P]``."""
+    def observe(
+        self,
+        indices: Sequence[int],
+        group_rewards: Tensor,
+        *,
+        accuracy: Tensor | None = None,
+        completion_ids: Sequence[Sequence[Sequence[int]]] | None = None,
+    ) -> None:
+        """After a step: ``indices`` of the prompts trained on (one per group), their groups' mean rewards
+        ``[P]``, and optionally each completion's accuracy ``[P, G]`` and token ids."""
         update = getattr(self.sampler, "update", None)
         if callable(update):
             update(indices, group_rewards)
+        observe = getattr(self.sampler, "observe", None)
+        if callable(observe):
+            observe(StepFeedback(list(indices), group_rewards, accuracy, completion_ids))
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -63,6 +63,7 @@ from .observability import (
 from .ops import accumulation_weight
 from .packing import MicroBatch, lm_head_of, pack_micro_batches, packed_logprobs
 from .rewards.outcome import extract_answer
+from .rewards.prm import build_step_verifier, hf_step_proposer
 from .rewards.registry import build_scheme
 from .rewards.shaping import AdvantagePipeline, RolloutGroups
 from .rewards.terms import RewardTerms, register_reward, trl_columns
@@ -547,9 +548,10 @@ class Trainer:
             sampler = scheme(idx, total)
             assert isinstance(sampler, PerformanceGatedCurriculumSampler)
             return sampler
-        # mmr1: variance-aware sampling, re-scoring the training set with fresh rollouts
+        # mmr1: variance-aware sampling, scored from the training rollouts, stale prompts re-scored on a budget
+        vps = build_scheme({"name": "mmr1_vps", "params": {"pad_id": None, **s.vps}})
         scheme = build_scheme({"name": "vas", "params": {"seed": seed, **s.params}})
-        return scheme(n, self.cfg.rollout.prompts_per_step, refresh_fn=self._mmr1_scores,
+        return scheme(n, self.cfg.rollout.prompts_per_step, rescore_fn=self._vas_rescore, score_fn=vps,
                       num_batches=self.cfg.train.steps)  # fmt: skip
 
     def _broadcast(self, obj: Any) -> Any:
@@ -803,7 +805,10 @@ class Trainer:
         self._engine_stale = True  # the next generation pushes the updated weights first
 
         # 5. after the update: sampler feedback; a sampler's own statistics join the step's metrics
-        self.stream.observe(groups.example[::G], reward.view(-1, G).mean(1))
+        accuracy = (groups.terms[self.rewards.accuracy_term] > 0).float().view(-1, G)  # correct; NaN: not
+        per_group = [groups.completion_ids[i : i + G] for i in range(0, groups.size, G)]
+        self.stream.observe(groups.example[::G], reward.view(-1, G).mean(1), accuracy=accuracy,
+                            completion_ids=per_group)  # fmt: skip
         if callable(sampler_metrics := getattr(self.stream.sampler, "metrics", None)):
             extra.update(sampler_metrics())
         self.step += 1
@@ -1078,6 +1083,53 @@ class Trainer:
             **{f"eval/{k}": v for k, v in self.rewards.pop_metrics().items()},
         }
 
+    @torch.no_grad()
+    def evaluate_search(self, num: int | None = None) -> dict[str, float]:
+        """Held-out accuracy of GroundedPRM-guided greedy search (``advantage.prm``: the verifier, ``step_sep``,
+        ``search``, ``search_temperature``, ``max_step_tokens``), with its cost per problem: proposer calls,
+        generated tokens, seconds; and the share of problems it answered."""
+        prm = self.cfg.advantage.prm
+        if is_processor(self.processor):
+            raise ConfigError(
+                "--search prm: PRM-guided search proposes text steps; it runs on text models only"
+            )
+        examples = self.eval_set[: num or len(self.eval_set)]
+        if not examples:
+            return {}
+        verifier = build_step_verifier(prm.verifier, grounded=prm.grounded)
+        search = build_scheme({"name": "prm_greedy_search", "params": prm.search})
+        sep, mine, results = prm.step_sep, list(range(len(examples)))[self.rank :: self.world], []
+        for i in mine:
+            e = examples[i]
+            head = render_prompt(e.messages, self.tokenizer, chat_template=self.cfg.rollout.chat_template)
+            prompt_fn = lambda q, steps, h=head: h + "".join(x + sep for x in steps)  # noqa: E731
+            propose = hf_step_proposer(self.model, self.tokenizer, prompt_fn, step_sep=sep,
+                                       temperature=prm.search_temperature, max_step_tokens=prm.max_step_tokens,
+                                       seed=self._seed(7_000, i))  # fmt: skip
+            t0 = time.perf_counter()
+            with self.accel.autocast():
+                res = search(e.question, propose, verifier)
+            results.append((res, time.perf_counter() - t0))
+        texts = [res.text(sep) for res, _ in results]
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        scores = self.rewards.score_lists(
+            texts, [examples[i] for i in mine], ids, trainer_state=self._trainer_state()
+        )
+        rows = [({k: v[j] for k, v in scores.items()}, res.status == "answered", res.model_calls, res.tokens, dt)
+                for j, (res, dt) in enumerate(results)]  # fmt: skip
+        rows = self._gather(rows)
+        # a solution the accuracy term does not apply to (None) does not count
+        accuracy = [a for r in rows if not math.isnan(a := r[0][self.rewards.accuracy_term])]
+        n = len(rows)
+        return {
+            "eval/accuracy": sum(accuracy) / len(accuracy) if accuracy else None,
+            "eval/reward": sum(self.rewards.total(r[0]) for r in rows) / n,
+            "eval/answered": sum(r[1] for r in rows) / n,
+            "eval/model_calls": sum(r[2] for r in rows) / n,
+            "eval/tokens": sum(r[3] for r in rows) / n,
+            "eval/seconds": sum(r[4] for r in rows) / n,
+        }
+
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
@@ -1157,26 +1209,26 @@ class Trainer:
 
     # -- MMR1 re-scoring -------------------------------------------------------------------------------------
 
-    def _mmr1_scores(self) -> Tensor:
-        """Raw VPS of every training prompt from ``refresh_generations`` fresh rollouts (identical on all ranks:
-        the sampling seed depends on the step only)."""
-        s = self.cfg.sampler
-        vps = build_scheme({"name": "mmr1_vps", "params": {"pad_id": None, **s.vps}})
-        acc = self.rewards.accuracy_term
-        accs, responses = [], []
-        for start in range(0, len(self.train_set), 16):
-            chunk = self.train_set[start : start + 16]
-            ro, _ = self._rollouts(chunk, self._sampling(self._seed(self.step, 10_000 + start),
-                                                         num_generations=s.refresh_generations))  # fmt: skip
-            n = s.refresh_generations
+    def _vas_rescore(self, indices: list[int]) -> tuple[Tensor, list[list[list[int]]]]:
+        """Correctness ``[k, N]`` (the accuracy term > 0) and token ids of ``N = sampler.refresh_generations`` fresh
+        rollouts of each prompt ``indices[k]``: each rank generates its share, the results are gathered, so every
+        rank gets the same (the sampling seeds depend on the step and the rank only)."""
+        n, acc = self.cfg.sampler.refresh_generations, self.rewards.accuracy_term
+        mine = list(range(len(indices)))[self.rank :: self.world]
+        rows = []
+        for start in range(0, len(mine), 16):
+            chunk = mine[start : start + 16]
+            examples = [self.train_set[indices[k]] for k in chunk]
+            ro, _ = self._rollouts(examples, self._sampling(self._seed(self.step, 10_000 + start, self.rank),
+                                                            num_generations=n))  # fmt: skip
             comps = ro.completions()
-            scores = self.rewards.score_lists(ro.texts, [e for e in chunk for _ in range(n)], comps,
+            scores = self.rewards.score_lists(ro.texts, [e for e in examples for _ in range(n)], comps,
                                               trainer_state=self._trainer_state(), names=[acc])[acc]  # fmt: skip
-            for j in range(len(chunk)):
-                rows = range(j * n, (j + 1) * n)
-                accs.append([float(scores[r] > 0) for r in rows])
-                responses.append([comps[r] for r in rows])
-        return vps(torch.tensor(accs), responses)
+            for j, k in enumerate(chunk):
+                span = range(j * n, (j + 1) * n)
+                rows.append((k, [float(scores[r] > 0) for r in span], [comps[r] for r in span]))
+        rows = sorted(self._gather(rows))
+        return torch.tensor([r[1] for r in rows]), [r[2] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1191,10 +1243,14 @@ def train(cfg: Config, *, resume: str | Path | None = None,
 
 
 def evaluate_run(cfg: Config, *, run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
-                 num: int | None = None) -> dict[str, float]:  # fmt: skip
-    """Greedy held-out accuracy of a model (``cfg.model``), or of a run's checkpoint."""
+                 num: int | None = None, search: str | None = None) -> dict[str, float]:  # fmt: skip
+    """Held-out accuracy of a model (``cfg.model``), or of a run's checkpoint: greedy decoding, or with
+    ``search="prm"`` GroundedPRM-guided greedy search (:meth:`Trainer.evaluate_search`)."""
+    if search not in (None, "greedy", "prm"):
+        raise ConfigError(f"--search: {search!r} is not one of 'greedy', 'prm'")
     source = checkpoint or run_dir
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False, tensorboard=False,
                                                              report_to="none"))  # fmt: skip
     trainer = Trainer(cfg, resume=source, write_run=False)
-    return {"step": trainer.step, **trainer.evaluate(num)}
+    metrics = trainer.evaluate_search(num) if search == "prm" else trainer.evaluate(num)
+    return {"step": trainer.step, **metrics}

@@ -12,6 +12,8 @@ from fastgrpo.sampling import (
     CurriculumSampler,
     DynamicSamplingBuffer,
     PerformanceGatedCurriculumSampler,
+    PromptStream,
+    StepFeedback,
     VarianceAwareSampler,
     dynamic_group_filter,
     stages_from_labels,
@@ -100,12 +102,16 @@ def test_gated_curriculum_max_passes():
 # ------------------------------------------------------------------------------------------------ VAS
 
 
+def _ovs(acc):
+    p = acc.double().mean(1)
+    return p * (1 - p)
+
+
 def test_vas_batch_composition_lambda_half():
     # lambda = 0.5, B = 8: floor(4) weighted draws (even positions) + 4 uniform (odd positions)
     # all weight on prompt 3 -> every weighted draw is 3; the uniform part walks one fixed permutation
-    w = torch.zeros(10)
-    w[3] = 1.0
-    s = VarianceAwareSampler(10, 8, mix_ratio=0.5, weights=w, num_batches=3, seed=0)
+    s = VarianceAwareSampler(10, 8, mix_ratio=0.5, num_batches=3, seed=0)
+    s.set_scores(list(range(10)), torch.tensor([0.0] * 3 + [1.0] + [0.0] * 6))
     perm = s.state_dict()["perm"].tolist()
     batches = list(s)
     assert len(batches) == 3 and all(len(b) == 8 for b in batches)
@@ -114,59 +120,157 @@ def test_vas_batch_composition_lambda_half():
     # 12 sequential draws over a 10-prompt permutation: wraps around without reshuffling
     assert uniform == perm + perm[:2]
     # B = 7: floor(3.5) = 3 weighted + 4 uniform: w, r, w, r, w, r, r
-    s7 = VarianceAwareSampler(10, 7, weights=w, num_batches=1)
+    s7 = VarianceAwareSampler(10, 7, num_batches=1)
+    s7.set_scores(list(range(10)), torch.tensor([0.0] * 3 + [1.0] + [0.0] * 6))
     perm7 = s7.state_dict()["perm"].tolist()
     (b7,) = list(s7)
     assert [b7[i] for i in (0, 2, 4)] == [3, 3, 3] and [b7[i] for i in (1, 3, 5, 6)] == perm7[:4]
     assert s7.weighted_per_batch == 3
 
 
-def test_vas_refresh_schedule_and_normalisation():
+def test_vas_weights_minmax_unknown_and_momentum():
+    s = VarianceAwareSampler(5, 2, unknown_weight=0.5, momentum=0.5)
+    torch.testing.assert_close(s.weights, torch.ones(5, dtype=torch.float64))  # nothing known: uniform
+    s.set_scores([0, 1, 2], torch.tensor([0.1, 0.25, 0.2]))
+    # min-max over the known: (v - 0.1) / (0.15 + 1e-8) -> 0, 1, 0.6667; unknown prompts weigh 0.5
+    want = torch.tensor([0.0, 0.15 / (0.15 + 1e-8), 0.1 / (0.15 + 1e-8), 0.5, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(s.weights, want)
+    # momentum 0.5 on a known prompt: 0.5 * 0.1 + 0.5 * 0.3 = 0.2; a first estimate is taken as is
+    s.set_scores([0, 3], torch.tensor([0.3, 0.05]))
+    torch.testing.assert_close(s.estimates[[0, 3]], torch.tensor([0.2, 0.05], dtype=torch.float64))
+    assert torch.isnan(s.estimates[4])
+
+
+def test_vas_learns_from_the_training_rollouts():
+    """Each observed group is a fresh estimate of its prompt: the outcome variance p(1 - p) of the accuracies."""
+    s = VarianceAwareSampler(6, 2, update_every=100)
+    acc = torch.tensor([[1.0, 0, 1, 0], [1.0, 1, 1, 1]])
+    assert s.metrics() == {}  # nothing observed yet
+    PromptStream(s).observe([4, 1], torch.zeros(2), accuracy=acc, completion_ids=[[[1]] * 4] * 2)
+    metrics = s.metrics()
+    # p = 0.5 -> 0.25; p = 1 -> 0; the second group has no variance
+    torch.testing.assert_close(s.estimates[[4, 1]], torch.tensor([0.25, 0.0], dtype=torch.float64))
+    assert metrics["vas/zero_var_groups"] == 0.5 and metrics["vas/known"] == pytest.approx(2 / 6)
+    assert metrics["vas/rescored"] == 0 and metrics["time/vas_rescore"] == 0.0
+    # a score function of the accuracies and the completions (MMR1's VPS) gets both
+    seen = []
+    s2 = VarianceAwareSampler(6, 2, score_fn=lambda a, r: seen.append(r) or a.sum(1).double())
+    s2.observe(StepFeedback([0, 2], torch.zeros(2), acc, [["x"], ["y"]]))
+    assert seen == [[["x"], ["y"]]] and s2.estimates[[0, 2]].tolist() == [2.0, 4.0]
+    with pytest.raises(ValueError, match=r"needs the accuracy"):
+        s.observe(StepFeedback([0], torch.zeros(1)))
+    with pytest.raises(ValueError, match=r"one row per prompt"):
+        s.observe(StepFeedback([0], torch.zeros(1), torch.ones(2, 4)))
+
+
+def test_vas_rescores_only_missing_or_stale_prompts_on_a_budget():
     calls = []
 
-    def refresh():
-        calls.append(len(calls))
-        v = torch.zeros(6)
-        v[len(calls)] = 5.0  # raw VPS; min-max puts weight 1 on prompt 1, then 2, then 3
-        if len(calls) == 3:
-            v[0] = 1.0  # min-max: (1 - 0) / (5 - 0 + 1e-8) = 0.2
-        return v
+    def rescore(indices):
+        calls.append(list(indices))
+        return torch.tensor([[1.0, 0.0]] * len(indices)), None  # p = 0.5 -> 0.25 each
 
-    s = VarianceAwareSampler(6, 4, mix_ratio=1.0, update_every=3, refresh_fn=refresh, num_batches=7)
-    batches = list(s)
-    # refreshed before batches 0, 3 and 6
-    assert len(calls) == 3
-    assert set(batches[0]) == set(batches[2]) == {1} and set(batches[3]) == {2} and set(batches[6]) <= {0, 3}
-    torch.testing.assert_close(
-        s.weights, torch.tensor([0.2, 0, 0, 1, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0
+    n = 10
+    s = VarianceAwareSampler(
+        n, 2, update_every=3, rescore_fn=rescore, rescore_budget=4, stale_after=5, seed=1
     )
+    perm = s.state_dict()["perm"].tolist()
+    s.next_batch()  # batch 0: nothing known -> the 4 prompts the uniform part reaches last
+    assert calls == [perm[::-1][:4]]
+    s.observe(StepFeedback([perm[0]], torch.zeros(1), torch.tensor([[1.0, 1.0]])))
+    assert s.metrics()["vas/rescored"] == 4 and s.metrics()["time/vas_rescore"] > 0
+    s.observe(StepFeedback([perm[0]], torch.zeros(1), torch.ones(1, 2)))
+    assert s.metrics()["vas/rescored"] == 0
+    # batches 1, 2: no refresh; the training rollouts keep estimating what they sample
+    seen = set(calls[0]) | {perm[0]}
+    for _ in range(2):
+        batch = s.next_batch()
+        s.observe(StepFeedback(batch, torch.zeros(2), torch.tensor([[1.0, 0.0]] * 2)))
+        seen |= set(batch)
+    assert len(calls) == 1
+    s.next_batch()  # batch 3: the missing prompts first, never one already estimated
+    missing = [i for i in perm[::-1] if i not in seen]
+    assert calls[1] == missing[:4] and not set(calls[1]) & seen
+    # batch 6: stale now means made at batch <= 1 (6 - 5): the oldest first (batch 0, then 1), then missing ones
+    for _ in range(2):
+        s.next_batch()
+    s.next_batch()
+    made = s.state_dict()["made"]
+    assert all(int(made[i]) == 6 for i in calls[2])
+    # without a budget, the first refresh scores the whole dataset (the paper's start)
+    calls.clear()
+    full = VarianceAwareSampler(n, 2, rescore_fn=rescore)
+    full.next_batch()
+    assert sorted(calls[0]) == list(range(n)) and not torch.isnan(full.estimates).any()
 
 
-def test_vas_uniform_fallback_and_validation():
-    s = VarianceAwareSampler(5, 4, weights=torch.zeros(5), num_batches=2)
-    assert all(len(b) == 4 for b in s)
-    with pytest.raises(ValueError, match=r"weights must have shape \[5\]"):
-        VarianceAwareSampler(5, 4, weights=torch.ones(4))
+def test_vas_rescoring_order_by_age():
+    s = VarianceAwareSampler(4, 1, update_every=1, stale_after=2)
+    s.set_scores([2], torch.tensor([0.1]))  # made at batch 0
+    s.next_batch()
+    s.set_scores([0], torch.tensor([0.1]))  # made at batch 1
+    s.next_batch()
+    s.set_scores([3], torch.tensor([0.1]))  # made at batch 2
+    s.next_batch()
+    s.next_batch()
+    # at batch 4: prompt 1 missing first, then stale (age >= 2) oldest first: 2 (made 0), 0 (made 1), 3 (made 2)
+    assert s.due_for_rescoring() == [1, 2, 0, 3]
+
+
+def test_vas_validation():
     with pytest.raises(ValueError, match="mix_ratio"):
         VarianceAwareSampler(5, 4, mix_ratio=1.5)
-    with pytest.raises(ValueError, match=r"refresh_fn\(\) must return shape \[5\]"):
-        next(iter(VarianceAwareSampler(5, 4, refresh_fn=lambda: torch.ones(3))))
+    with pytest.raises(ValueError, match="rescore_budget"):
+        VarianceAwareSampler(5, 4, rescore_budget=-1)
+    with pytest.raises(ValueError, match="unknown_weight"):
+        VarianceAwareSampler(5, 4, unknown_weight=2.0)
+    with pytest.raises(ValueError, match=r"scores must have shape \[2\]"):
+        VarianceAwareSampler(5, 4).set_scores([0, 1], torch.ones(3))
+    with pytest.raises(ValueError, match="outside the dataset"):
+        VarianceAwareSampler(5, 4).set_scores([7], torch.ones(1))
+    with pytest.raises(ValueError, match="scores.*finite"):
+        VarianceAwareSampler(5, 4).set_scores([1], torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="predates online estimates"):
+        VarianceAwareSampler(5, 4).load_state_dict({"weights": None})
 
 
 def test_vas_resume_is_exact():
     def make():
-        return VarianceAwareSampler(
-            20, 6, update_every=2, refresh_fn=lambda: torch.arange(20.0) % 7, num_batches=8, seed=5
-        )
+        def rescore(idx):
+            return torch.tensor([[float(i % 2), float(i % 3 == 0)] for i in idx]), None
 
-    ref = list(make())
+        return VarianceAwareSampler(20, 6, update_every=2, rescore_fn=rescore, rescore_budget=3, num_batches=8,
+                                    seed=5)  # fmt: skip
+
+    def run(s, k):
+        out = []
+        for _ in range(k):
+            b = s.next_batch()
+            s.observe(StepFeedback(b, torch.zeros(6), torch.tensor([[float(i % 4 == 0), 1.0] for i in b])))
+            out.append(b)
+        return out
+
+    ref_s = make()
+    ref = run(ref_s, 8)
     s = make()
-    it = iter(s)
-    head = [next(it) for _ in range(3)]
+    head = run(s, 3)
     state = s.state_dict()
     s2 = make()
     s2.load_state_dict(state)
-    assert head + list(s2) == ref
+    assert head + run(s2, 5) == ref
+    assert torch.equal(s2.estimates.nan_to_num(-1), ref_s.estimates.nan_to_num(-1))
+
+
+def test_prompt_stream_feedback_to_each_kind_of_sampler():
+    gated = PerformanceGatedCurriculumSampler([[0, 1], [2, 3]], 100, threshold=0.5, window=2, min_samples=2)
+    stream = PromptStream(gated)
+    stream.observe(
+        [0, 1], torch.tensor([1.0, 1.0]), accuracy=torch.ones(2, 2)
+    )  # update(indices, rewards) only
+    assert gated.stage == 1
+    PromptStream(CurriculumSampler([[0, 1]])).observe(
+        [0], torch.zeros(1), accuracy=torch.ones(1, 2)
+    )  # no hook
 
 
 # ------------------------------------------------------------------------------------------------ DAPO

@@ -284,7 +284,10 @@ def test_lora_uses_adapter_off_reference(tmp_path):
 
 
 def test_prm_step_advantages_follow_the_checked_steps(tmp_path):
-    """Each line of an arithmetic answer is checked with sympy; a wrong step's tokens get a lower advantage."""
+    """Each line of an arithmetic answer is checked against its question; a wrong step's tokens get a lower
+    advantage."""
+    import dataclasses
+
     from fastgrpo.rewards.shaping import Advantages, ProcessAdvantages, RolloutGroups, token_pieces
 
     trainer = Trainer(_cfg(tmp_path, "task.name=arithmetic", "advantage.prm.enabled=true", "train.steps=1",
@@ -293,7 +296,9 @@ def test_prm_step_advantages_follow_the_checked_steps(tmp_path):
     tok = trainer.tokenizer
     texts = ["2 + 3 = 5\n5 * 4 = 20\n<answer>20</answer>", "2 + 3 = 5\n5 * 4 = 21\n<answer>21</answer>"]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    groups = RolloutGroups(example=[0, 0], examples=[None, None], prompt_ids=[[1], [1]], completion_ids=ids,
+    ex = trainer.train_set[0]
+    ex = dataclasses.replace(ex, messages=[{"role": "user", "content": "Compute (2 + 3) * 4."}])
+    groups = RolloutGroups(example=[0, 0], examples=[ex, ex], prompt_ids=[[1], [1]], completion_ids=ids,
                            texts=texts, truncated=torch.zeros(2, dtype=torch.bool), terms={}, group_size=2)  # fmt: skip
     adv = stage.shape_advantages(groups, Advantages(torch.zeros(2), torch.zeros(2))).per_token
     steps = [stage.token_steps(p) for p in token_pieces(tok, ids)]

@@ -275,6 +275,9 @@ class VPSParams:
 class VASParams:
     mix_ratio: float = 0.5
     update_every: int = 56
+    rescore_budget: int | None = None
+    stale_after: int | None = None
+    unknown_weight: float = 1.0
     momentum: float = 0.0
     seed: int = 0
 
@@ -291,6 +294,7 @@ class GroundedPRMParams:
 class PRMSearchParams:
     num_candidates: int = 8
     max_iter: int = 30
+    token_budget: int | None = None
     eos: str | None = None
 
 

@@ -29,7 +29,7 @@ from .._schema import ConfigError
 from .care import answer_token_span
 from .copo import PromptRewardWindow
 from .outcome import extract_answer
-from .prm import ArithmeticStepVerifier
+from .prm import ArithmeticStepVerifier, StepVerifier, build_step_verifier
 from .registry import Scheme, build_scheme
 
 __all__ = [
@@ -294,11 +294,15 @@ class CopoBlend(Stage):
 
 
 class ProcessAdvantages(Stage):
-    """GroundedPRM: each reasoning step (text between ``step_sep``) checked by the verifier, the step scores
-    standardised per group into token-level advantages, plus the outcome advantage
-    (:func:`fastgrpo.rewards.prm.step_token_advantages`)."""
+    """GroundedPRM: each reasoning step (text between ``step_sep``) checked by the verifier in its context (the
+    completion's question, from ``groups.examples``, and the steps before it: :meth:`StepVerifier.check_path`),
+    the step scores standardised per group into token-level advantages, plus the outcome advantage
+    (:func:`fastgrpo.rewards.prm.step_token_advantages`). Metrics: ``prm/step_score`` (mean step check) and
+    ``prm/bad_steps`` (share of steps checked wrong)."""
 
-    def __init__(self, prm: Scheme, tokenizer: Any, *, verifier: Any = None, step_sep: str = "\n"):
+    def __init__(
+        self, prm: Scheme, tokenizer: Any, *, verifier: StepVerifier | None = None, step_sep: str = "\n"
+    ):
         self.prm, self.tokenizer, self.step_sep = prm, tokenizer, step_sep
         self.verifier = verifier if verifier is not None else ArithmeticStepVerifier()
 
@@ -316,11 +320,21 @@ class ProcessAdvantages(Stage):
         token_step = torch.full((groups.size, T), -1, dtype=torch.long)
         scores = []
         for b, pieces in enumerate(token_pieces(self.tokenizer, ids)):
+            example = groups.examples[b]
+            question = getattr(example, "question", None)
+            if not isinstance(question, str):
+                raise ValueError(
+                    f"GroundedPRM step checks need each completion's question: groups.examples[{b}] is "
+                    f"{type(example).__name__}, not an example with a .question"
+                )
             token_step[b, : len(pieces)] = torch.tensor(self.token_steps(pieces))
             steps = self.tokenizer.decode(ids[b], skip_special_tokens=True).split(self.step_sep)
-            scores.append([float(self.verifier(p, previous_steps=steps[:j])) for j, p in enumerate(steps)])
+            scores.append([float(v) for v in self.verifier.check_path(question, steps)])
         tok = self.prm(scores, token_step, groups.group_size, outcome_advantages=adv.values)
         adv.per_token = [tok[b, : len(c)] for b, c in enumerate(ids)]
+        flat = [x for row in scores for x in row]
+        adv.metrics["prm/step_score"] = sum(flat) / max(len(flat), 1)
+        adv.metrics["prm/bad_steps"] = sum(x < 0 for x in flat) / max(len(flat), 1)
         return adv
 
 
@@ -390,5 +404,6 @@ class AdvantagePipeline:
                                     global_stats=c.global_stats, stats_window=c.stats_window))  # fmt: skip
         if section.prm.enabled:
             prm = build_scheme({"name": "grounded_prm", "params": section.prm.params})
-            stages.append(ProcessAdvantages(prm, tokenizer, step_sep=section.prm.step_sep))
+            verifier = build_step_verifier(section.prm.verifier, grounded=section.prm.grounded)
+            stages.append(ProcessAdvantages(prm, tokenizer, verifier=verifier, step_sep=section.prm.step_sep))
         return cls(build_scheme({"name": section.scheme, "params": section.params}), stages)
