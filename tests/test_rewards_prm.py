@@ -333,12 +333,16 @@ def test_search_statuses_budget_and_blank_candidates():
     tok = lambda q, s, n: [StepCandidate(f"8 + {i} = {8 + i}", tokens=10) for i in range(3)]  # noqa: E731
     res = prm_greedy_search(Q2, tok, v, token_budget=50)
     assert res.status == "token_budget" and res.model_calls == 2 and res.tokens == 60
-    # the turn ends without an answer: finished, no answer; max_iter: unfinished
-    res = prm_greedy_search(Q2, lambda q, s, n: ["8 + 1 = 9<eos>"], v, eos="<eos>")
-    assert res.status == "ended" and res.finished and res.answer is None and res.steps == ["8 + 1 = 9"]
+    # a step after which the model ended its turn without an answer does not stop the search
+    script = [[StepCandidate("8 + 1 + 1 = 10", ended=True)], ["<answer>10</answer>"]]
+    res = prm_greedy_search(Q2, _scripted(script)[0], v)
+    assert (
+        res.status == "answered" and res.finished and res.steps == ["8 + 1 + 1 = 10", "<answer>10</answer>"]
+    )
+    # max_iter: unfinished
     res = prm_greedy_search(Q2, lambda q, s, n: ["Hmm."], v, max_iter=3)
     assert res.status == "max_iter" and res.steps == ["Hmm."] * 3 and res.text() == "Hmm.\nHmm.\nHmm."
-    assert SEARCH_STATUSES == ("answered", "ended", "max_iter", "token_budget", "no_candidates")
+    assert SEARCH_STATUSES == ("answered", "max_iter", "token_budget", "no_candidates") and not res.finished
     with pytest.raises(ValueError, match="num_candidates"):
         prm_greedy_search(Q2, tok, v, num_candidates=0)
 

@@ -303,7 +303,7 @@ def require_sympy():
         import sympy
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "sympy is needed for symbolic answer checking and the arithmetic step verifier: "
+            "sympy is needed for symbolic answer checking: "
             "pip install 'fastgrpo[math]' (or pip install sympy)"
         ) from e
     return sympy

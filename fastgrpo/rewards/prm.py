@@ -699,7 +699,7 @@ class StepCandidate:
 
     Attributes:
         text: the step, without the step separator.
-        ended: generation ended the assistant turn (EOS) right after it: the solution stops here.
+        ended: generation ended the assistant turn (EOS) right after it, rather than at the step separator.
         tokens: tokens generated for it (what a search's token budget counts).
         logprob: mean log-prob of its tokens under the sampling distribution (a tie-break), or None.
     """
@@ -768,7 +768,7 @@ def hf_step_proposer(
     return propose
 
 
-SEARCH_STATUSES = ("answered", "ended", "max_iter", "token_budget", "no_candidates")
+SEARCH_STATUSES = ("answered", "max_iter", "token_budget", "no_candidates")
 
 
 @dataclass
@@ -778,9 +778,9 @@ class GreedySearchResult:
     Attributes:
         steps: the chosen steps (without separators); ``text(sep)`` joins them.
         checks: the step check of each chosen step; ``scores``: its hybrid score (the ranking key).
-        status: ``"answered"`` (the last step holds an answer), ``"ended"`` (the model ended its turn without
-            one), ``"max_iter"``, ``"token_budget"`` (stopped unfinished), or ``"no_candidates"`` (the proposer
-            gave nothing usable: every candidate blank or filtered out; ``steps`` holds what came before).
+        status: ``"answered"`` (the last step holds an answer), ``"max_iter"``, ``"token_budget"`` (stopped
+            unfinished), or ``"no_candidates"`` (the proposer gave nothing usable: every candidate blank or
+            filtered out; ``steps`` holds what came before).
         answer: the answer the last step states (``<answer>``, ``\\boxed{}``, "the answer is"), or None.
         model_calls: proposer calls; tokens: generated tokens over every candidate.
     """
@@ -795,8 +795,8 @@ class GreedySearchResult:
 
     @property
     def finished(self) -> bool:
-        """The solution ends (with or without an answer) rather than being cut off by a limit."""
-        return self.status in ("answered", "ended")
+        """The search reached an answer (rather than a limit or an empty proposal)."""
+        return self.status == "answered"
 
     def text(self, sep: str = STEP_SEP) -> str:
         return sep.join(self.steps)
@@ -816,7 +816,6 @@ def prm_greedy_search(
     max_iter: int = 30,
     token_budget: int | None = None,
     value: Callable[[str, Sequence[str]], float | None] | None = None,
-    eos: str | None = None,
     is_final: Callable[[str], bool] | None = None,
     candidate_filter: Callable[[str], bool] | None = None,
     rng: random.Random | None = None,
@@ -836,9 +835,10 @@ def prm_greedy_search(
     scores +1 like the best step, so finishing is never worse than stalling). Ties go to the candidate proposed
     most often (the policy's preference), then to the higher mean log-prob, then at random (``rng``).
 
-    **Stopping.** A candidate is final when it ended the assistant turn (:class:`StepCandidate` ``ended``; a
-    string ending with ``eos``) or ``is_final(text)`` holds (default :func:`default_is_final`: an ``<answer>`` tag
-    or one ``\\boxed{}``). The search stops at a final step, after ``max_iter`` steps, when ``token_budget``
+    **Stopping.** A candidate is final when ``is_final(text)`` holds (default :func:`default_is_final`: an
+    ``<answer>`` tag or one ``\\boxed{}``). A chosen step after which the model ended its turn without an answer
+    does not stop the search: the next proposal starts a new line after it, so the model can still state the
+    answer (stopping there would finish without one). The search stops at a final step, after ``max_iter`` steps, when ``token_budget``
     generated tokens are spent (checked before each proposal), or when no usable candidate was proposed
     (:class:`GreedySearchResult` ``status`` says which).
 
@@ -851,7 +851,6 @@ def prm_greedy_search(
         token_budget: stop once this many tokens were generated (None: no budget).
         value: ``(question, steps) -> float | None``: an outcome check of a finished path (e.g. against a
             reference answer when labelling) or a value estimate of a partial one; None when it has none.
-        eos: EOS text that string candidates end with when the turn ended (removed from the step).
         candidate_filter: keep a candidate only when it returns True (the official code drops candidates with
             illegal characters). Blank candidates are dropped; duplicates are merged (counted).
     """
@@ -867,14 +866,10 @@ def prm_greedy_search(
     def as_candidate(c: str | StepCandidate) -> StepCandidate:
         if isinstance(c, StepCandidate):
             return c
-        if eos and c.rstrip().endswith(eos):
-            return StepCandidate(c.rstrip()[: -len(eos)], ended=True)
         return StepCandidate(c)
 
     def result(status: str) -> GreedySearchResult:
         answer = extract_answer(steps[-1]) if steps else None
-        if status == "ended" and answer is not None:
-            status = "answered"
         return GreedySearchResult(steps, scores, checks, status, answer, calls, tokens)
 
     for _ in range(max_iter):
@@ -901,7 +896,7 @@ def prm_greedy_search(
         verdicts = _check_candidates(score, question, steps, [c.text for c in cands])
         keys = []
         for (c, count), v in zip(merged.values(), verdicts):
-            final = c.ended or final_rule(c.text)
+            final = final_rule(c.text)
             est = value(question, [*steps, c.text]) if value is not None else None
             if est is None:
                 u = hybrid_rollout_reward(checks, v)
@@ -917,7 +912,7 @@ def prm_greedy_search(
         scores.append(keys[pick][0])
         checks.append(keys[pick][3])
         if keys[pick][4]:
-            return result("ended")
+            return result("answered")
     return result("max_iter")
 
 

@@ -295,7 +295,6 @@ class PRMSearchParams:
     num_candidates: int = 8
     max_iter: int = 30
     token_budget: int | None = None
-    eos: str | None = None
 
 
 # fmt: off
