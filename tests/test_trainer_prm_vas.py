@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIGIT_REWARD, TINY_TRAINING
 
 from fastgrpo.cli import main as cli_main
 from fastgrpo.config import ConfigError, load_config
@@ -19,22 +20,12 @@ from fastgrpo.rewards.shaping import Advantages, ProcessAdvantages, RolloutGroup
 from fastgrpo.trainer import Trainer, evaluate_run
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.name=tiny", "train.progress=false", "train.plot=false", "train.eval_prompts=0", "task.num_train=8",
-        "task.num_eval=4", "rollout.max_new_tokens=8", "rollout.group_size=4", "rollout.prompts_per_step=2",
-        "optim.lr=5e-3"]  # fmt: skip
-# the format term comes first, so it is the accuracy term: on the untrained tiny model about half its samples hold
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise-exact comparisons need a fixed reduction order
+TINY = [*TINY_TRAINING, "task.num_train=8"]
+# DIGIT_REWARD is the only term, so it is the accuracy term: on the untrained tiny model about half the samples hold
 # a digit, so groups have outcome variance
-DIGIT_ACCURACY = "rewards=[{name: format, weight: 1.0, params: {pattern: '.*[0-9].*'}}]"
 VAS = ["sampler.kind=mmr1", "sampler.params={update_every: 2, rescore_budget: 3}", "sampler.refresh_generations=2",
-       "sampler.vps={alpha: 1.0, beta: 0.0}", DIGIT_ACCURACY]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-exact comparisons need a fixed reduction order
-    yield
-    torch.set_num_threads(before)
+       "sampler.vps={alpha: 1.0, beta: 0.0}", DIGIT_REWARD]  # fmt: skip
 
 
 def _cfg(tmp_path, *overrides):
