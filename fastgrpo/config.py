@@ -597,13 +597,13 @@ _SAMPLER_SCHEMES = {"random": "curriculum", "sequential": "curriculum", "curricu
 ADVANTAGE_SCHEMES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
-def _check_params(key: str, scheme: str, params: dict) -> None:
+def _check_params(key: str, scheme: str, params: dict, *, hint: str = "") -> None:
     from .rewards.registry import scheme_params
 
     try:
         scheme_params(scheme, params)
     except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
+        raise ConfigError(f"{key}: {e}{hint}") from None
 
 
 def _check_schemes(cfg: Config) -> None:
@@ -645,22 +645,14 @@ def _check_schemes(cfg: Config) -> None:
         raise ConfigError(
             "advantage.prm.step_sep: must be a non-empty string (the arithmetic task uses '\\n')"
         )
-    kind = cfg.sampler.kind
-    try:
-        from .rewards.registry import scheme_params
-
-        scheme_params(_SAMPLER_SCHEMES[kind], cfg.sampler.params)
-    except ValueError as e:
-        owners = [
-            k for k, name in _SAMPLER_SCHEMES.items() if k != kind and _params_fit(name, cfg.sampler.params)
-        ]
-        hint = (
-            f"; they are parameters of sampler.kind={owners[0]}: set sampler.params={{}} (or this sampler's own "
-            "parameters) when changing sampler.kind"
-            if owners
-            else ""
-        )
-        raise ConfigError(f"sampler.params: {e}{hint}") from None
+    kind, params = cfg.sampler.kind, cfg.sampler.params
+    hint = ""
+    if not _params_fit(_SAMPLER_SCHEMES[kind], params):
+        owners = [k for k, name in _SAMPLER_SCHEMES.items() if k != kind and _params_fit(name, params)]
+        if owners:
+            hint = (f"; they are parameters of sampler.kind={owners[0]}: set sampler.params={{}} (or this "
+                    "sampler's own parameters) when changing sampler.kind")  # fmt: skip
+    _check_params("sampler.params", _SAMPLER_SCHEMES[kind], params, hint=hint)
     if kind == "mmr1":
         _check_params("sampler.vps", "mmr1_vps", cfg.sampler.vps)
 
