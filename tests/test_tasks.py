@@ -134,7 +134,9 @@ def test_transit_gold_answers_score_full_marks_with_rewardmap():
 
     from fastgrpo.rewards import RewardMapSample, rewardmap_reward
     from fastgrpo.rewards.rewardmap import answer_accuracy
+    from fastgrpo.rewards.terms import resolve_term
 
+    accuracy = resolve_term("accuracy", {})
     fields = {f.name for f in dataclasses.fields(RewardMapSample)}
     seen = set()
     for e in build_task("transit").split(150, 0, 3)[0]:
@@ -142,5 +144,29 @@ def test_transit_gold_answers_score_full_marks_with_rewardmap():
         gold = f"<answer>{e.answer}</answer>"
         assert answer_accuracy(gold, sample), (e.meta["type"], e.answer)
         assert rewardmap_reward(gold, sample) >= 10.0 > rewardmap_reward("<answer>no idea</answer>", sample)
+        # the accuracy term agrees (a route by RewardMap's checker: math-verify cannot read one)
+        assert accuracy(gold, e, 0) == 1.0 and accuracy("<answer>no idea</answer>", e, 0) == 0.0
         seen.add(e.meta["type"])
     assert seen == set(QUESTION_TYPES)
+
+
+def test_transit_one_shot_worked_example_of_the_same_type():
+    """``one_shot``: a worked example of the question's own type (its answer scores full marks on its own small
+    network) before the question; the drawn questions are the ones drawn without it."""
+    from fastgrpo.rewards.terms import resolve_term
+
+    accuracy = resolve_term("accuracy", {})
+    plain = build_task("transit").split(40, 8, 7)
+    shot = build_task("transit", one_shot=True).split(40, 8, 7)
+    for a, b in zip(plain[0] + plain[1], shot[0] + shot[1]):
+        assert [m["role"] for m in b.messages] == ["user", "assistant", "user"]
+        assert b.messages[-1] == a.messages[-1] and (b.answer, b.meta) == (a.answer, a.meta)
+        example_q, example_a = b.messages[0]["content"], b.messages[1]["content"]
+        assert example_q != a.question and example_a.startswith("<answer>")
+        kind = a.meta["type"]
+        mark = {"TorF1": "a stop on", "TorF2": "common line", "Counting1": "strictly between",
+                "Counting2": "How many lines", "Counting3": "How many stations", "planning": "Plan a route"}[kind]  # fmt: skip
+        assert mark in example_q and mark in a.question
+    ex = build_task("transit", types=["planning"], one_shot=True).split(1, 0, 0)[0][0]
+    worked = ex.messages[1]["content"]
+    assert "Route Name:" in worked and accuracy(worked, ex, 0) == 0.0  # another network's route is wrong here

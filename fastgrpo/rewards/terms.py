@@ -46,7 +46,7 @@ from torch import Tensor
 from fastgrpo._schema import ConfigError
 
 from .registry import build_scheme
-from .rewardmap import RewardMapSample
+from .rewardmap import RewardMapSample, answer_accuracy
 
 __all__ = [
     "BUILTIN_TERMS",
@@ -142,6 +142,10 @@ def _accuracy_mode(mode: str, example: Any) -> str:
 _RM_FIELDS = {f.name for f in dataclasses.fields(RewardMapSample)}
 
 
+def _rewardmap_sample(example: Any) -> RewardMapSample:
+    return RewardMapSample(**{k: v for k, v in example.meta.items() if k in _RM_FIELDS})
+
+
 def _user_function(name: str) -> RewardFn | None:
     if name in _USER_REWARDS:
         return _USER_REWARDS[name]
@@ -177,7 +181,13 @@ def resolve_term(name: str, params: Mapping[str, Any]) -> TermFn:
     scheme = build_scheme({"name": name, "params": dict(params)})
     if name == "accuracy":
         mode = scheme.params.mode
-        return lambda text, ex, n: scheme(text, ex.answer, mode=_accuracy_mode(mode, ex))
+
+        def accuracy(text: str, ex: Any, n: int) -> float:
+            if ex.meta.get("answer_type") == "route":  # a route plan is judged leg by leg, not as maths
+                return float(answer_accuracy(text, _rewardmap_sample(ex)))
+            return scheme(text, ex.answer, mode=_accuracy_mode(mode, ex))
+
+        return accuracy
     if name == "format":
         return lambda text, ex, n: scheme(text)
     if name == "dapo":
@@ -185,8 +195,7 @@ def resolve_term(name: str, params: Mapping[str, Any]) -> TermFn:
         return lambda text, ex, n: float(scheme(acc(text, ex.answer, mode=_accuracy_mode("auto", ex)) > 0, n))
 
     def rewardmap(text: str, ex: Any, n: int) -> float:
-        sample = RewardMapSample(**{k: v for k, v in ex.meta.items() if k in _RM_FIELDS})
-        return scheme(text, sample)
+        return scheme(text, _rewardmap_sample(ex))
 
     return rewardmap
 

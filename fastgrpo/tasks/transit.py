@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from .base import Example, Task, check_subset
+from .base import ANSWER_INSTRUCTION, Example, Task, check_subset, one_shot
 
 __all__ = [
     "TransitTask",
@@ -182,24 +182,43 @@ def _describe(metro: dict[str, list[str]]) -> str:
     )
 
 
+def _prompt(metro: dict[str, list[str]], question: str) -> str:
+    return f"{_describe(metro)}\n\n{question} {ANSWER_INSTRUCTION}"
+
+
+def worked_example(qtype: str) -> tuple[str, str]:
+    """A fixed worked example of question type ``qtype``: ``(prompt, answer in <answer> tags)`` about a small
+    network of its own (two lines of four stops, drawn once from a fixed seed), in the task's exact format."""
+    rng = random.Random(f"transit-worked-example-{qtype}")
+    metro = random_network(rng, 2, 4)
+    question, answer, _ = ask_question(rng, metro, qtype, "easy")
+    return _prompt(metro, question), f"<answer>{answer}</answer>"
+
+
 class TransitTask(Task):
     """Random transit networks with RewardMap's six question types.
 
-    ``types``: which question types to draw (uniformly); ``difficulties``: network sizes to draw from.
+    ``types``: which question types to draw (uniformly); ``difficulties``: network sizes to draw from;
+    ``one_shot``: put a worked example of the same question type, on a small network of its own
+    (:func:`worked_example`), before the question. Off by default (RewardMap's prompts have none); a
+    135M-parameter model needs it to write the ``<answer>`` tags at all (ENVIRONMENT.md, issue 21).
     """
 
     name = "transit"
     stage_key = "type"
 
     def __init__(self, types: list[str] | tuple[str, ...] = QUESTION_TYPES,
-                 difficulties: list[str] | tuple[str, ...] = ("easy", "middle", "hard")):  # fmt: skip
+                 difficulties: list[str] | tuple[str, ...] = ("easy", "middle", "hard"), one_shot: bool = False):  # fmt: skip
         self.types = check_subset("transit", "types", types, QUESTION_TYPES)
         self.difficulties = check_subset("transit", "difficulties", difficulties, tuple(SIZES))
+        self.one_shot = one_shot
 
     def make(self, rng: random.Random) -> Example:
         difficulty = rng.choice(self.difficulties)
         metro = random_network(rng, *SIZES[difficulty])
         qtype = rng.choice(self.types)
         question, answer, meta = ask_question(rng, metro, qtype, difficulty)
-        prompt = f"{_describe(metro)}\n\n{question} Put the final answer in <answer></answer>."
+        prompt = _prompt(metro, question)
+        if self.one_shot:  # its own RNG: the drawn questions are the same with and without it
+            return Example(one_shot(prompt, *worked_example(qtype)), answer, meta)
         return Example([{"role": "user", "content": prompt}], answer, meta)
