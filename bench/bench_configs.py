@@ -85,7 +85,13 @@ def run_settings(path: Path, seed: int, args: argparse.Namespace) -> tuple[list[
                       "train.eval_every=2"]  # fmt: skip
     else:
         overrides += [f"train.eval_prompts={args.eval_prompts}", f"train.eval_every={cfg.train.steps}"]
-    return [*overrides, "train.progress=false", "train.plot=false", "train.time_budget_s=0", *args.set], wiring
+    return [
+        *overrides,
+        "train.progress=false",
+        "train.plot=false",
+        "train.time_budget_s=0",
+        *args.set,
+    ], wiring
 
 
 def run_key(path: Path, overrides: list[str]) -> str:
@@ -165,7 +171,7 @@ def table(rows: list[dict[str, Any]], order: list[str]) -> str:
         mine = sorted((r for r in rows if r["config"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
-        get = lambda k: [r[k] for r in mine]  # noqa: E731
+        get = lambda k, mine=mine: [r[k] for r in mine]  # noqa: E731
         steps = sorted(set(get("steps")))
         cells = [
             f"`{name}`",
@@ -208,15 +214,25 @@ def write_doc(doc: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_configs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_configs", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--configs", default="", help="comma-separated config names (default: every one)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
-    parser.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts evaluated before and after")
+    parser.add_argument(
+        "--eval-prompts", type=int, default=64, help="held-out prompts evaluated before and after"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "configs")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file the table is written into")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
-    parser.add_argument("--smoke", action="store_true", help="every config on the tiny models, 2 steps (seconds)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared CPU)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="every config on the tiny models, 2 steps (seconds)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (one is fastest on a shared CPU)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -226,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--configs: {unknown} not in {available}")
     # text configs first, then the wiring-only ones
-    paths = sorted((CONFIGS / f"{n}.yaml" for n in names), key=lambda p: (is_wiring_only(load_config(p)), p.stem))
+    paths = sorted(
+        (CONFIGS / f"{n}.yaml" for n in names), key=lambda p: (is_wiring_only(load_config(p)), p.stem)
+    )
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     done_file = args.out / "runs.jsonl"

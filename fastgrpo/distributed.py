@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,6 +67,11 @@ __all__ = [
     "lm_head_params",
     "DeepSpeedSteps",
     "named_weights_for_inference",
+    "resolve_mixed_precision",
+    "make_accelerator",
+    "Runtime",
+    "vllm_can_run",
+    "build_vllm_engine",
 ]
 
 _ROOT_PREFIX = "model."  # PolicyLoss holds the policy as `.model`: its parameter names gain this prefix
@@ -408,3 +414,322 @@ def named_weights_for_inference(model: nn.Module) -> Iterator[tuple[str, Tensor]
                 if adapter in layer.lora_A:
                     tensor = tensor + _full(layer.get_delta_weight(adapter)).to(tensor.dtype)
         yield (f"{layer_name}.{leaf}" if layer is not None else name), tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer's runtime: accelerator, wrapped policy, optimizer step, collectives, engine weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_mixed_precision(cfg: Any) -> str:
+    """``train.mixed_precision`` of a :class:`fastgrpo.config.Config` resolved for this machine: ``"bf16"`` or
+    ``"no"``."""
+    cuda = torch.cuda.is_available()
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if mp == "bf16" and not cuda:
+        logger.warning("train.mixed_precision=bf16 needs a GPU here; running in fp32")
+        mp = "no"
+    return mp
+
+
+def make_accelerator(cfg: Any) -> Any:
+    """``Accelerator(cpu=True)`` without a GPU (the only CPU form that really runs several processes); on GPUs
+    with accelerate's FSDP2 or DeepSpeed plugin for ``distributed.strategy`` ``fsdp`` / ``deepspeed`` (on CPU
+    :class:`Runtime` applies FSDP2 itself: :func:`shard_policy`). With the run's experiment trackers
+    (``train.report_to``; started with the run directory by :func:`fastgrpo.observability.start_trackers`)."""
+    import importlib.util
+    import os
+
+    from accelerate import Accelerator
+
+    from ._schema import ConfigError
+
+    cuda = torch.cuda.is_available()
+    mp = resolve_mixed_precision(cfg)
+    strategy = cfg.distributed.strategy
+    plugins: dict[str, Any] = {}
+    if strategy == "fsdp" and cuda:
+        plugins["fsdp_plugin"] = fsdp_plugin(cfg.distributed.fsdp, mp, torch.device("cuda"))
+    elif strategy == "deepspeed":
+        if not cuda:
+            raise ConfigError(
+                "distributed.strategy: deepspeed needs CUDA GPUs (DeepSpeed has no CPU training engine); use 'fsdp' "
+                "or 'ddp' here"
+            )
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ImportError("distributed.strategy=deepspeed needs DeepSpeed: pip install deepspeed")
+        plugins["deepspeed_plugin"] = deepspeed_plugin(cfg.distributed.deepspeed, mp, cfg.optim.grad_clip)
+    # "no" is passed as None: the default, and compatible with an AcceleratorState another library created
+    # the tensorboard tracker needs a logging directory: the runs' root until the run directory is named
+    trackers = cfg.train.trackers()
+    accel = Accelerator(cpu=not cuda, mixed_precision=None if mp == "no" else mp, log_with=trackers or None,
+                        project_dir=cfg.train.output_dir if trackers else None, **plugins)  # fmt: skip
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accel.num_processes != expected:
+        raise RuntimeError(
+            f"launched as {expected} processes (WORLD_SIZE) but accelerate runs {accel.num_processes}: every "
+            "process would train alone on the full batch. On CPU use `accelerate launch --multi_gpu "
+            "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no` or `torchrun "
+            "--nproc_per_node N` (the --cpu flag and MULTI_CPU configs start unconnected processes)"
+        )
+    if expected == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1"):
+        # `accelerate launch --cpu --num_processes N` starts ONE process here and says nothing
+        logger.warning(
+            "accelerate launch --cpu runs a single process (world size 1) whatever --num_processes says; for "
+            "several CPU processes use `accelerate launch --multi_gpu --num_processes N` (fastgrpo creates "
+            "Accelerator(cpu=True) itself when there is no GPU)"
+        )
+    return accel
+
+
+class Runtime:
+    """The policy as the run's engine trains it, for a :class:`fastgrpo.config.Config`: the wrapped
+    :class:`PolicyLoss` (``policy``), its optimizer and LR scheduler (built over the parameters the engine
+    trains: FSDP's sharded ones), and every engine-specific step of the trainer: work with the full weights
+    outside the training forward, gradient accumulation, the optimizer step, checkpoint state and the
+    collectives. The trainer calls these the same way for DDP, FSDP2 and DeepSpeed.
+
+    ``make_optimizer(params)``: the optimizer over ``params`` (``optim`` section).
+    """
+
+    def __init__(self, cfg: Any, accel: Any, model: nn.Module, make_optimizer: Callable[[list[Tensor]], Any]):
+        self.cfg, self.accel, self.model = cfg, accel, model
+        self.rank, self.world, self.device = accel.process_index, accel.num_processes, accel.device
+        d = cfg.distributed
+        self.zero3 = d.strategy == "deepspeed" and d.deepspeed.zero_stage == 3
+        self._holding = False
+        policy = PolicyLoss(model)
+        total_steps = cfg.train.steps * cfg.train.num_iterations
+        if d.strategy == "fsdp" and self.device.type != "cuda":
+            # accelerate would run plain data parallel with an FSDP plugin on CPU: torch's fully_shard directly
+            shard_policy(policy, d.fsdp, resolve_mixed_precision(cfg), self.device)
+            self.params = [p for p in policy.parameters() if p.requires_grad]
+            self.optimizer = make_optimizer(self.params)
+            self.scheduler = cfg.optim.build_scheduler(self.optimizer, total_steps)
+            self.policy = policy
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = make_optimizer(self.params)
+            self.scheduler = cfg.optim.build_scheduler(optimizer, total_steps)
+            if d.strategy == "fsdp":
+                accel.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_block_names(model, d.fsdp.blocks)
+            if self.zero3:
+                register_zero3_head(policy, model)
+            self.policy, self.optimizer = accel.prepare(policy, optimizer)
+            if d.strategy == "fsdp":  # accelerate swapped the parameters for their sharded versions
+                register_gathered(self.policy)
+                self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.deepspeed = DeepSpeedSteps(self.policy) if d.strategy == "deepspeed" else None
+
+    # -- the full weights outside the training forward ----------------------------------------------------
+
+    def gathered(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with the policy's full weights: through the FSDP root's registered forward
+        method under FSDP (inside :meth:`hold`, so without collectives); under ZeRO-3 with the LM head gathered
+        (the other modules gather their own in their forward); a plain call otherwise."""
+        if self.zero3:
+            with self.zero3_gathered(lm_head_params(self.model)):
+                return fn(*args, **kwargs)
+        if not is_fsdp(self.policy):
+            return fn(*args, **kwargs)
+        return self.policy.gathered(fn, *args, **kwargs)
+
+    def hold(self) -> None:
+        """Under FSDP, gather every unit for a rollout / reference / evaluation phase, which makes a
+        rank-dependent number of forward calls (:func:`hold_full_weights`; every rank calls this at the same
+        point). Idempotent until :meth:`release`."""
+        if not self._holding:
+            self._holding = hold_full_weights(self.policy)
+
+    def release(self) -> None:
+        """Reshard what :meth:`hold` gathered (before a training forward or a checkpoint)."""
+        if self._holding:
+            release_full_weights(self.policy, self.cfg.distributed.fsdp.reshard_after_forward)
+            self._holding = False
+
+    def zero3_gathered(self, params: list[Tensor]) -> Any:
+        """DeepSpeed's ``GatheredParameters`` over ``params`` under ZeRO-3 (read-only), a no-op otherwise."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def push_weights(self, engine: Any) -> int:
+        """The policy's weights into an inference engine (LoRA merged, FSDP shards gathered one tensor at a
+        time, ZeRO-3 parameters gathered for the push); the number of tensors pushed."""
+        with self.zero3_gathered(list(self.model.parameters())):
+            return engine.push_weights(named_weights_for_inference(self.model))
+
+    # -- one optimizer step ---------------------------------------------------------------------------------
+
+    def sync(self, last: bool) -> Any:
+        """The context of one micro-batch's forward and backward: gradients are reduced over the ranks on the
+        step's ``last`` micro-batch only (DeepSpeed marks its boundary in :meth:`backward`)."""
+        return gradient_sync(self.policy, last or self.deepspeed is not None, self.accel, self.world)
+
+    def backward(self, loss: Tensor, last: bool) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.backward(loss, last)
+        else:
+            self.accel.backward(loss)
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip (``optim.grad_clip`` > 0), step the optimizer and the LR schedule, zero the gradients; the
+        global gradient norm and whether the parameters changed (False: a non-finite gradient, the step is
+        skipped: parameters, optimizer state and schedule stay as they were). The DeepSpeed engine clips,
+        steps and zeroes by itself."""
+        if self.deepspeed is not None:
+            norm = self.deepspeed.step()
+            self.scheduler.step()
+            return norm, True
+        clip = self.cfg.optim.grad_clip
+        total = self.accel.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
+        # under FSDP the norm of the sharded gradients is a DTensor, reduced over the ranks by torch
+        norm = float(_full(total))
+        stepped = math.isfinite(norm)
+        if stepped:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, stepped
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
+        """The trainable weights and optimizer state to save when the engine holds them in another form (None,
+        None: the model's and the optimizer's own state dicts). FSDP: full state dicts gathered on rank 0 (a
+        collective); DeepSpeed: the weights, gathered one at a time under ZeRO-3, without ZeRO's partitioned
+        optimizer state."""
+        self.release()
+        if is_fsdp(self.policy):
+            return full_state(self.policy, self.optimizer)
+        if self.deepspeed is None:
+            return None, None
+        weights = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                with self.zero3_gathered([p]):
+                    weights[name] = p.detach().cpu().clone()
+        return weights, {
+            "deepspeed": "the ZeRO-partitioned optimizer state is not saved (docs/distributed.md)"
+        }
+
+    def checkpoint_loader(self, path: Any, saved: str, training: bool) -> tuple[Any, Callable | None]:
+        """For a checkpoint written under ``distributed.strategy`` ``saved``: the optimizer to restore (None:
+        none saved) and the loader of its weights and optimizer state (None: the model's own). A DeepSpeed
+        checkpoint holds no optimizer state and only evaluates; an FSDP checkpoint's optimizer state is
+        FQN-keyed (torch's full state dict) and loads into an FSDP run only."""
+        if saved == "deepspeed" and training:
+            raise RuntimeError(
+                f"checkpoint {path} was written by a distributed.strategy=deepspeed run: it holds the gathered "
+                "weights (export, evaluation) but not the ZeRO-partitioned optimizer state, so a run cannot resume "
+                "from it exactly"
+            )
+        if saved != "deepspeed" and (saved == "fsdp") != (self.cfg.distributed.strategy == "fsdp"):
+            raise RuntimeError(
+                f"checkpoint {path} was written by a distributed.strategy={saved!r} run, whose optimizer state "
+                f"has another layout; resume it with distributed.strategy={saved!r}"
+            )
+        optimizer = None if saved == "deepspeed" else self.optimizer
+        if not is_fsdp(self.policy):
+            return optimizer, None
+        return optimizer, lambda weights, optim: load_full_state(self.policy, self.optimizer, weights,
+                                                                 None if saved == "deepspeed" else optim)  # fmt: skip
+
+    # -- collectives ----------------------------------------------------------------------------------------
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items``, concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over the ranks, so that all of them stop at the same step."""
+        if self.world == 1:
+            return tuple(bool(f) for f in flags)
+        t = self.accel.reduce(torch.tensor([float(f) for f in flags], device=self.device), reduction="sum")
+        return tuple(bool(x > 0) for x in t.tolist())
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        return t if self.world == 1 else self.accel.reduce(t, reduction="sum")
+
+
+def vllm_can_run(device: torch.device) -> bool:
+    """vLLM rollouts need a CUDA device and the ``vllm`` package."""
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("vllm") is not None
+
+
+def build_vllm_engine(cfg: Any, rt: Runtime, tokenizer: Any) -> Any:
+    """The colocated vLLM engine of this process (:meth:`fastgrpo.rollout.VLLMEngine.colocated_kwargs`), started
+    from the policy's checkpoint directory (:func:`_engine_checkpoint`); the trainer pushes the policy's
+    weights (:meth:`Runtime.push_weights`) before each generation that follows an update."""
+    import os
+
+    from .rollout import VLLMEngine
+
+    r = cfg.rollout
+    tp = r.vllm.tensor_parallel_size
+    kw = VLLMEngine.colocated_kwargs(r.vllm, rank=rt.rank, world_size=rt.world, seed=cfg.train.seed,
+                                     max_model_len=r.max_prompt_tokens + r.max_new_tokens)  # fmt: skip
+    group = None
+    if tp > 1:  # every rank creates every group (a collective), then keeps its own
+        import torch.distributed as tdist
+
+        group, _ = tdist.new_subgroups_by_enumeration(
+            [list(range(i, i + tp)) for i in range(0, rt.world, tp)]
+        )
+    if "distributed_executor_backend" in kw:  # external_launcher runs the engine in this process
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    path = _engine_checkpoint(cfg, rt, tokenizer)
+    return VLLMEngine(str(path), sleep_level=r.vllm.sleep_level, tp_group=group, **kw)
+
+
+def _engine_checkpoint(cfg: Any, rt: Runtime, tokenizer: Any) -> Any:
+    """A directory vLLM can load the policy's architecture from: the model's own checkpoint directory, else (a
+    model built in code or read from GGUF) its config, tokenizer and current weights written once by the main
+    process."""
+    from pathlib import Path
+
+    from .models import TINY_MODELS, _is_smollm2, local_checkpoint, smollm2_dir
+
+    name = cfg.model.name
+    if _is_smollm2(name):
+        return smollm2_dir()  # the GGUF converted once to safetensors
+    if name not in TINY_MODELS:
+        try:
+            return local_checkpoint(name)
+        except FileNotFoundError:
+            pass
+    path = Path(cfg.train.output_dir) / ".vllm-models" / name.replace("/", "--")
+    weights = dict(named_weights_for_inference(rt.model))  # every rank: gathering is a collective
+    if rt.accel.is_main_process:
+        from safetensors.torch import save_file
+
+        model = rt.model
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        path.mkdir(parents=True, exist_ok=True)
+        base.config.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path / "model.safetensors")
+        )
+    rt.accel.wait_for_everyone()
+    return path

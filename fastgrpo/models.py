@@ -63,6 +63,7 @@ __all__ = [
     "load_smollm2",
     "load_causal_lm",
     "load_policy",
+    "build_policy",
     "local_checkpoint",
     "tiny_counterpart",
     "TINY_MODELS",
@@ -657,3 +658,54 @@ def apply_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
+
+
+def _apply_liger(model: nn.Module, choice: str, device: torch.device) -> None:
+    """Liger-Kernel's RMSNorm / SwiGLU / RoPE patches (``model.liger``: ``auto`` on a GPU when installed, ``on``,
+    ``off``); the loss stays fastgrpo's own, from hidden states."""
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError:
+        if choice == "on":
+            raise ImportError("model.liger=on needs liger-kernel: pip install liger-kernel") from None
+        return
+    if device.type != "cuda":
+        from ._schema import ConfigError
+
+        raise ConfigError("model.liger=on: Liger-Kernel's model patches are Triton kernels and need a GPU")
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)  # fmt: skip
+
+
+def build_policy(cfg: Any, device: torch.device) -> tuple[nn.Module, Any, ReferenceModel]:
+    """The trainable policy of a :class:`fastgrpo.config.Config` (``model`` section), its tokenizer or processor,
+    and its reference: loaded (:func:`load_policy`), Liger-patched, LoRA-wrapped, gradient checkpointing on, in
+    train mode; the reference as ``cfg.reference_mode()`` says. The LoRA init draws from the global RNG: seed it
+    identically on every rank first."""
+    m = cfg.model
+    model, processor = load_policy(m.name, dtype=getattr(torch, m.dtype), device=device,
+                                   attn_implementation=m.attn_implementation, seed=cfg.train.seed,
+                                   vision_trainable=m.vision_trainable)  # fmt: skip
+    if cfg.rollout.chat_template and not getattr(processor, "chat_template", None):
+        from ._schema import ConfigError
+
+        raise ConfigError(
+            f"rollout.chat_template: the tokenizer of {m.name!r} has no chat template; set "
+            "rollout.chat_template=false to prompt with a plain 'User: ... Assistant:' transcript"
+        )
+    _apply_liger(model, m.liger, device)
+    if m.lora.enabled:
+        model = apply_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                           target_modules=m.lora.target_modules)  # fmt: skip
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    mode = cfg.reference_mode()
+    if mode == "ema":
+        reference = ReferenceModel.from_policy(model, "ema", decay=m.ema_decay, update_every=m.ema_every,
+                                               dtype=torch.float32)  # fmt: skip
+    else:
+        reference = ReferenceModel.from_policy(model, mode)
+    return model, processor, reference

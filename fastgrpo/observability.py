@@ -42,6 +42,8 @@ __all__ = [
     "plot_panels",
     "LearningSignalGuard",
     "start_trackers",
+    "progress_fields",
+    "completion_record",
 ]
 
 # (metric key, panel title) of the end-of-run plot's fixed panels
@@ -306,3 +308,34 @@ class LearningSignalGuard:
             return None
         logger.warning(message)
         return message
+
+
+def progress_fields(metrics: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's fields: reward, KL (only when the loss has a KL term), entropy, clip fraction,
+    throughput."""
+    out = {"reward": f"{metrics['reward']:.3f}"}
+    if metrics.get("kl") is not None:
+        out["kl"] = f"{metrics['kl']:.4f}"
+    out.update(ent=f"{metrics['entropy']:.3f}", clip=f"{metrics['clip_frac']:.3f}",
+               tok_s=f"{metrics['tokens_per_s']:.0f}")  # fmt: skip
+    return out
+
+
+def completion_record(step: int, groups: Any, adv: Any, i: int) -> dict[str, Any]:
+    """One line of ``completions.jsonl``: completion ``i`` of a step's
+    :class:`~fastgrpo.rewards.shaping.RolloutGroups` with its prompt (the example's index in the training set
+    and its last turn), every reward term (null: not applicable), the total reward after reward shaping and the
+    advantage of its :class:`~fastgrpo.rewards.shaping.Advantages` (COPO: the global one, the local one and the
+    blend weight; PRM: the mean of the token advantages too)."""
+    ex = groups.examples[i]
+    value = lambda x: None if math.isnan(x := float(x)) else x  # noqa: E731
+    rec = {"step": step, "example": groups.example[i], "prompt": ex.question, "answer": ex.answer,
+           "completion": groups.texts[i], "completion_len": len(groups.completion_ids[i]),
+           "truncated": bool(groups.truncated[i]), "rewards": {k: value(v[i]) for k, v in groups.terms.items()},
+           "reward": value(adv.rewards[i]), "advantage": value(adv.values[i])}  # fmt: skip
+    if adv.local is not None:
+        rec.update(advantage_local=value(adv.local[i]), blend=value(adv.blend[i]))
+    if adv.per_token is not None:
+        tok = adv.per_token[i]
+        rec["advantage_token_mean"] = value(tok.float().mean()) if len(tok) else None
+    return rec

@@ -21,13 +21,10 @@ reward schemes); this file only moves data between them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +34,7 @@ from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import distributed as dist
 from .checkpoint import (
@@ -49,13 +46,16 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_to_dict, resume_changes, resume_config
-from .models import ReferenceModel, apply_lora, load_policy
+from .distributed import Runtime, make_accelerator, resolve_mixed_precision
+from .models import build_policy
 from .observability import (
     LearningSignalGuard,
     MetricsLogger,
     PhaseTimer,
+    completion_record,
     peak_memory_mb,
     plot_run,
+    progress_fields,
     read_metrics,
     reward_summary,
     start_trackers,
@@ -64,18 +64,12 @@ from .ops import accumulation_weight
 from .packing import MicroBatch, lm_head_of, pack_micro_batches, packed_logprobs
 from .rewards.outcome import extract_answer
 from .rewards.prm import build_step_verifier, hf_step_proposer
-from .rewards.registry import build_scheme
+from .rewards.registry import build_sampler, build_scheme
 from .rewards.shaping import AdvantagePipeline, RolloutGroups
 from .rewards.terms import RewardTerms, register_reward, trl_columns
-from .rollout import SamplingParams, VLLMEngine, generate_rollouts
-from .sampling import (
-    REWARDMAP_STAGES,
-    DynamicSamplingBuffer,
-    PerformanceGatedCurriculumSampler,
-    PromptStream,
-    stages_from_labels,
-)
-from .tasks import Example, build_task, render_prompt
+from .rollout import SamplingParams, generate_rollouts
+from .sampling import DynamicSamplingBuffer, PromptStream
+from .tasks import Example, build_splits, render_prompt
 from .vlm import check_example, encode_prompts, generation_inputs, is_processor
 
 logger = logging.getLogger(__name__)
@@ -93,66 +87,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 # Plumbing
 # ----------------------------------------------------------------------------------------------------------
-
-
-def resolve_mixed_precision(cfg: Config) -> str:
-    """``train.mixed_precision`` resolved for this machine: ``"bf16"`` or ``"no"``."""
-    cuda = torch.cuda.is_available()
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if mp == "bf16" and not cuda:
-        logger.warning("train.mixed_precision=bf16 needs a GPU here; running in fp32")
-        mp = "no"
-    return mp
-
-
-def make_accelerator(cfg: Config) -> Any:
-    """``Accelerator(cpu=True)`` without a GPU (the only CPU form that really runs several processes); on GPUs
-    with accelerate's FSDP2 or DeepSpeed plugin for ``distributed.strategy`` ``fsdp`` / ``deepspeed`` (on CPU
-    the trainer applies FSDP2 itself: :func:`fastgrpo.distributed.shard_policy`). With the run's experiment
-    trackers (``train.report_to``; started with the run directory by
-    :func:`fastgrpo.observability.start_trackers`)."""
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    mp = resolve_mixed_precision(cfg)
-    strategy = cfg.distributed.strategy
-    plugins: dict[str, Any] = {}
-    if strategy == "fsdp" and cuda:
-        plugins["fsdp_plugin"] = dist.fsdp_plugin(cfg.distributed.fsdp, mp, torch.device("cuda"))
-    elif strategy == "deepspeed":
-        if not cuda:
-            raise ConfigError(
-                "distributed.strategy: deepspeed needs CUDA GPUs (DeepSpeed has no CPU training engine); use 'fsdp' "
-                "or 'ddp' here"
-            )
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ImportError("distributed.strategy=deepspeed needs DeepSpeed: pip install deepspeed")
-        plugins["deepspeed_plugin"] = dist.deepspeed_plugin(
-            cfg.distributed.deepspeed, mp, cfg.optim.grad_clip
-        )
-    # "no" is passed as None: the default, and compatible with an AcceleratorState another library created
-    # the tensorboard tracker needs a logging directory: the runs' root until the run directory is named
-    trackers = cfg.train.trackers()
-    accel = Accelerator(cpu=not cuda, mixed_precision=None if mp == "no" else mp, log_with=trackers or None,
-                        project_dir=cfg.train.output_dir if trackers else None, **plugins)  # fmt: skip
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if accel.num_processes != expected:
-        raise RuntimeError(
-            f"launched as {expected} processes (WORLD_SIZE) but accelerate runs {accel.num_processes}: every "
-            "process would train alone on the full batch. On CPU use `accelerate launch --multi_gpu "
-            "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no` or `torchrun "
-            "--nproc_per_node N` (the --cpu flag and MULTI_CPU configs start unconnected processes)"
-        )
-    if expected == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1"):
-        # `accelerate launch --cpu --num_processes N` starts ONE process here and says nothing
-        logger.warning(
-            "accelerate launch --cpu runs a single process (world size 1) whatever --num_processes says; for "
-            "several CPU processes use `accelerate launch --multi_gpu --num_processes N` (fastgrpo creates "
-            "Accelerator(cpu=True) itself when there is no GPU)"
-        )
-    return accel
 
 
 @dataclass
@@ -191,17 +125,6 @@ class RunResult:
         return line
 
 
-def _progress_fields(metrics: dict[str, Any]) -> dict[str, str]:
-    """The progress bar's fields: reward, KL (only when the loss has a KL term), entropy, clip fraction,
-    throughput."""
-    out = {"reward": f"{metrics['reward']:.3f}"}
-    if metrics.get("kl") is not None:
-        out["kl"] = f"{metrics['kl']:.4f}"
-    out.update(ent=f"{metrics['entropy']:.3f}", clip=f"{metrics['clip_frac']:.3f}",
-               tok_s=f"{metrics['tokens_per_s']:.0f}")  # fmt: skip
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------------------
@@ -228,34 +151,15 @@ class Trainer:
         if ckpt is not None and write_run and ckpt.config_text is not None:
             changes = resume_changes(resume_config(ckpt.config_text, source=f"{ckpt.path}/config.yaml"), cfg)
         self.accel = accel = make_accelerator(cfg)
-        self.rank, self.world = accel.process_index, accel.num_processes
-        self.device = accel.device
-        if cfg.rollout.engine == "vllm" and not self._vllm_can_run():
+        self.rank, self.world, self.device = accel.process_index, accel.num_processes, accel.device
+        if cfg.rollout.engine == "vllm" and not dist.vllm_can_run(self.device):
             raise ConfigError(
                 "rollout.engine: vllm runs on CUDA GPUs with the vllm package (pip install 'fastgrpo[vllm]'); "
                 "use rollout.engine=transformers here"
             )
 
         # -- data and rewards: a bad dataset or reward fails here, before any model is loaded -----------------
-        opts = dict(cfg.task.options)
-        if cfg.task.name == "dataset":
-            if not cfg.task.dataset:
-                raise ConfigError(
-                    "task.dataset: the 'dataset' task needs task.dataset (a path or dataset name)"
-                )
-            opts.update(source=cfg.task.dataset, split=cfg.task.dataset_split, prompt_field=cfg.task.prompt_field,
-                        answer_field=cfg.task.answer_field)  # fmt: skip
-            opts.update(
-                {k: v for k in ("eval_split", "eval_source") if (v := getattr(cfg.task, k)) is not None}
-            )
-        try:
-            task = build_task(cfg.task.name, **opts)
-            num_train = cfg.task.num_train if cfg.task.num_train is not None else task.default_num_train
-            self.train_set, self.eval_set = task.split(num_train, cfg.task.num_eval, cfg.task.seed)
-            if callable(getattr(task, "check_rewards", None)):
-                task.check_rewards([t.name for t in cfg.rewards])
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.train_set, self.eval_set = build_splits(cfg.task, [t.name for t in cfg.rewards])
         columns = list(trl_columns(self.train_set[0])) if len(self.train_set) else None
         self.rewards = RewardTerms([(t.name, t.weight, t.params) for t in cfg.rewards], columns=columns)
         if cfg.advantage.care.enabled and cfg.advantage.care.accuracy_term not in self.rewards.names:
@@ -269,46 +173,36 @@ class Trainer:
                 "set filter.metric"
             )
 
-        # -- model, tokenizer, LoRA, speed switches ------------------------------------------------------
+        # -- model (LoRA, speed switches), reference, data checked against the model, sampler, advantages ------
         torch.manual_seed(cfg.train.seed)  # LoRA init: identical on every rank
-        dtype = getattr(torch, cfg.model.dtype)
-        model, self.processor = load_policy(
-            cfg.model.name, dtype=dtype, device=self.device, attn_implementation=cfg.model.attn_implementation,
-            seed=cfg.train.seed, vision_trainable=cfg.model.vision_trainable,
-        )  # fmt: skip
+        self.model, self.processor, self.reference = build_policy(cfg, self.device)
         # a vision-language model comes with a processor (its tokenizer inside), a text model with a tokenizer
         self.tokenizer = self.processor.tokenizer if is_processor(self.processor) else self.processor
-        if cfg.rollout.chat_template and not getattr(self.processor, "chat_template", None):
-            raise ConfigError(
-                f"rollout.chat_template: the tokenizer of {cfg.model.name!r} has no chat template; set "
-                "rollout.chat_template=false to prompt with a plain 'User: ... Assistant:' transcript"
-            )
-        self._apply_liger(model)
-        if cfg.model.lora.enabled:
-            lc = cfg.model.lora
-            model = apply_lora(
-                model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules
-            )
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        self.model = model
-        self.head = lm_head_of(model)
-        self.reference = self._build_reference(model)
-
+        self.head = lm_head_of(self.model)
         for split, examples in (("train", self.train_set), ("eval", self.eval_set)):
             for i, ex in enumerate(examples):  # messages against the model (media decoded when encoded)
                 try:
                     check_example(ex, i, self.processor, decode=False)
                 except ValueError as e:
                     raise ConfigError(f"task {cfg.task.name!r}, {split} split: {e}") from None
-        self.stream = PromptStream(self._build_sampler())
+        labels = [str(e.meta.get(cfg.sampler.stage_key)) for e in self.train_set]
+        self.stream = PromptStream(build_sampler(cfg, labels, rescore_fn=self._vas_rescore))
         self.advantages = AdvantagePipeline.from_config(cfg.advantage, self.tokenizer)
 
-        # -- optimisation ---------------------------------------------------------------------------------
-        self.policy, self.optimizer, self.params = self._wrap_policy(model)
-        self._ds_steps = dist.DeepSpeedSteps(self.policy) if cfg.distributed.strategy == "deepspeed" else None
-        self.engine = self._build_engine() if cfg.rollout.engine == "vllm" else None
+        # -- the engine: wrapped policy, optimizer, schedule; vLLM rollouts ---------------------------------
+        self.rt = rt = Runtime(cfg, accel, self.model, self._build_optimizer)
+        self.policy, self.optimizer, self.scheduler, self.params = (
+            rt.policy,
+            rt.optimizer,
+            rt.scheduler,
+            rt.params,
+        )
+        self.engine = None
+        if cfg.rollout.engine == "vllm":
+            if is_processor(self.processor):
+                raise ConfigError("rollout.engine: vllm is wired for text models; vision-language rollouts use "
+                                  "rollout.engine=transformers")  # fmt: skip
+            self.engine = dist.build_vllm_engine(cfg, rt, self.tokenizer)
         self._engine_stale = True  # the engine holds the checkpoint's weights until the first push
 
         # -- run directory, logging, resume ------------------------------------------------------------------
@@ -322,7 +216,7 @@ class Trainer:
                 cfg.train.run_name or f"{cfg.task.name}-{cfg.loss.loss_type}-{time.strftime('%Y%m%d-%H%M%S')}"
             )
             self.run_dir = Path(cfg.train.output_dir) / name
-        self.run_dir = Path(self._broadcast(str(self.run_dir)))
+        self.run_dir = Path(rt.broadcast(str(self.run_dir)))
         self.is_main = accel.is_main_process
         self.metrics_log = None
         if self.is_main and write_run:
@@ -345,178 +239,11 @@ class Trainer:
 
     # -- building blocks ----------------------------------------------------------------------------------
 
-    def _wrap_policy(self, model: nn.Module) -> tuple[nn.Module, Any, list[Tensor]]:
-        """The policy as the distributed engine runs it (:class:`fastgrpo.distributed.PolicyLoss`: decoder and
-        fused loss in one forward), its optimizer (built over the parameters the engine trains: FSDP's sharded
-        ones) and those parameters; the LR scheduler is attached to the optimizer here."""
-        cfg, accel = self.cfg, self.accel
-        policy = dist.PolicyLoss(model)
-        strategy = cfg.distributed.strategy
-        if strategy == "fsdp" and self.device.type != "cuda":
-            # accelerate would run plain data parallel with an FSDP plugin on CPU: torch's fully_shard directly
-            dist.shard_policy(policy, cfg.distributed.fsdp, resolve_mixed_precision(cfg), self.device)
-            params = [p for p in policy.parameters() if p.requires_grad]
-            optimizer = self._build_optimizer(params)
-            self.scheduler = cfg.optim.build_scheduler(optimizer, cfg.train.steps * cfg.train.num_iterations)
-            return policy, optimizer, params
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = self._build_optimizer(params)
-        self.scheduler = cfg.optim.build_scheduler(optimizer, cfg.train.steps * cfg.train.num_iterations)
-        if strategy == "fsdp":
-            accel.state.fsdp_plugin.transformer_cls_names_to_wrap = dist.fsdp_block_names(
-                model, cfg.distributed.fsdp.blocks
-            )
-        if self._zero3:
-            dist.register_zero3_head(policy, model)
-        wrapped, optimizer = accel.prepare(policy, optimizer)
-        if strategy == "fsdp":  # accelerate swapped the parameters for their sharded versions
-            dist.register_gathered(wrapped)
-            params = [p for p in wrapped.parameters() if p.requires_grad]
-        return wrapped, optimizer, params
-
-    def _gathered(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` outside the training forward with the policy's full weights: through the FSDP
-        root's registered forward method under FSDP (inside :meth:`_hold_full_weights`, so without collectives);
-        under ZeRO-3 with the LM head gathered (the other modules gather their own in their forward); a plain call
-        otherwise."""
-        if self._zero3:
-            with self._zero3_gathered(dist.lm_head_params(self.model)):
-                return fn(*args, **kwargs)
-        if not dist.is_fsdp(self.policy):
-            return fn(*args, **kwargs)
-        return self.policy.gathered(fn, *args, **kwargs)
-
-    def _hold_full_weights(self) -> None:
-        """Under FSDP, gather every unit for the rollout / reference / evaluation phase, which makes a
-        rank-dependent number of forward calls (:func:`fastgrpo.distributed.hold_full_weights`; every rank calls
-        this at the same point). Idempotent until :meth:`_release_full_weights`."""
-        if not getattr(self, "_holding", False):
-            self._holding = dist.hold_full_weights(self.policy)
-
-    def _release_full_weights(self) -> None:
-        """Reshard what :meth:`_hold_full_weights` gathered (before a training forward or a checkpoint)."""
-        if getattr(self, "_holding", False):
-            dist.release_full_weights(self.policy, self.cfg.distributed.fsdp.reshard_after_forward)
-            self._holding = False
-
-    @property
-    def _zero3(self) -> bool:
-        d = self.cfg.distributed
-        return d.strategy == "deepspeed" and d.deepspeed.zero_stage == 3
-
-    def _zero3_gathered(self, params: list[Tensor]) -> Any:
-        """DeepSpeed's ``GatheredParameters`` over ``params`` under ZeRO-3 (read-only), a no-op otherwise."""
-        if not self._zero3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-    # -- the vLLM rollout engine ----------------------------------------------------------------------------
-
     @property
     def _engine_behaviour_logp(self) -> bool:
         """Behaviour log-probs from the vLLM engine replace the recomputed ones (rollout.vllm.behaviour_logprobs)."""
         r = self.cfg.rollout
         return r.engine == "vllm" and r.vllm.behaviour_logprobs
-
-    def _vllm_can_run(self) -> bool:
-        return self.device.type == "cuda" and importlib.util.find_spec("vllm") is not None
-
-    def _build_engine(self) -> VLLMEngine:
-        """The colocated vLLM engine of this process (:meth:`fastgrpo.rollout.VLLMEngine.colocated_kwargs`),
-        started from the policy's checkpoint directory; the trainer pushes its weights before each generation
-        that follows an update."""
-        cfg, r = self.cfg, self.cfg.rollout
-        if is_processor(self.processor):
-            raise ConfigError(
-                "rollout.engine: vllm is wired for text models; vision-language rollouts use rollout.engine="
-                "transformers"
-            )
-        tp = r.vllm.tensor_parallel_size
-        kw = VLLMEngine.colocated_kwargs(r.vllm, rank=self.rank, world_size=self.world, seed=cfg.train.seed,
-                                         max_model_len=r.max_prompt_tokens + r.max_new_tokens)  # fmt: skip
-        group = None
-        if tp > 1:  # every rank creates every group (a collective), then keeps its own
-            import torch.distributed as tdist
-
-            group, _ = tdist.new_subgroups_by_enumeration(
-                [list(range(i, i + tp)) for i in range(0, self.world, tp)]
-            )
-        if "distributed_executor_backend" in kw:  # external_launcher runs the engine in this process
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        return VLLMEngine(
-            str(self._engine_checkpoint()), sleep_level=r.vllm.sleep_level, tp_group=group, **kw
-        )
-
-    def _engine_checkpoint(self) -> Path:
-        """A directory vLLM can load the policy's architecture from: the model's own checkpoint directory, else
-        (a model built in code or read from GGUF) its config, tokenizer and current weights written once by the
-        main process."""
-        from .models import TINY_MODELS, _is_smollm2, local_checkpoint, smollm2_dir
-
-        name = self.cfg.model.name
-        if _is_smollm2(name):
-            return smollm2_dir()  # the GGUF converted once to safetensors
-        if name not in TINY_MODELS:
-            try:
-                return local_checkpoint(name)
-            except FileNotFoundError:
-                pass
-        path = Path(self.cfg.train.output_dir) / ".vllm-models" / name.replace("/", "--")
-        weights = dict(dist.named_weights_for_inference(self.model))  # every rank: gathering is a collective
-        if self.accel.is_main_process:
-            from safetensors.torch import save_file
-
-            path.mkdir(parents=True, exist_ok=True)
-            base = (
-                self.model.get_base_model()
-                if callable(getattr(self.model, "get_base_model", None))
-                else self.model
-            )
-            base.config.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in weights.items()},
-                str(path / "model.safetensors"),
-            )
-        self.accel.wait_for_everyone()
-        return path
-
-    def _sync_engine(self) -> None:
-        """Push the policy's weights to the vLLM engine when they changed since the last push (LoRA merged for
-        the push, FSDP shards gathered one tensor at a time, ZeRO-3 parameters gathered for the push)."""
-        if self.engine is None or not self._engine_stale:
-            return
-        with self._zero3_gathered(list(self.model.parameters())):
-            n = self.engine.push_weights(dist.named_weights_for_inference(self.model))
-        logger.debug("pushed %d tensors to the vLLM engine", n)
-        self._engine_stale = False
-
-    def _apply_liger(self, model: nn.Module) -> None:
-        choice = self.cfg.model.liger
-        if choice == "off" or (choice == "auto" and self.device.type != "cuda"):
-            return
-        try:
-            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-        except ImportError:
-            if choice == "on":
-                raise ImportError("model.liger=on needs liger-kernel: pip install liger-kernel") from None
-            return
-        if self.device.type != "cuda":
-            raise ConfigError(
-                "model.liger=on: Liger-Kernel's model patches are Triton kernels and need a GPU"
-            )
-        # RMSNorm / SwiGLU / RoPE only: the loss is fastgrpo's own, from hidden states
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                        fused_linear_cross_entropy=False)  # fmt: skip
-
-    def _build_reference(self, model: nn.Module) -> ReferenceModel:
-        mode = self.cfg.reference_mode()
-        if mode == "ema":
-            return ReferenceModel.from_policy(model, "ema", decay=self.cfg.model.ema_decay,
-                                              update_every=self.cfg.model.ema_every, dtype=torch.float32)  # fmt: skip
-        return ReferenceModel.from_policy(model, mode)
 
     def _build_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -526,56 +253,6 @@ class Trainer:
 
             return load_bnb().optim.AdamW8bit(params, **kw)
         return torch.optim.AdamW(params, **kw)
-
-    def _build_sampler(self) -> Any:
-        s, n, seed = self.cfg.sampler, len(self.train_set), self.cfg.train.seed
-        if s.kind in ("random", "sequential"):
-            params = {"seed": seed, **s.params}
-            if s.kind == "sequential":
-                params["shuffle_within"] = False
-            return build_scheme({"name": "curriculum", "params": params})([list(range(n))])
-        if s.kind in ("curriculum", "curriculum_gated"):
-            stages = [tuple(x) for x in s.stages] if s.stages else REWARDMAP_STAGES
-            labels = [str(e.meta.get(s.stage_key)) for e in self.train_set]
-            try:
-                idx = stages_from_labels(labels, stages)
-            except ValueError as e:
-                raise ConfigError(f"sampler.stages: {e}") from None
-            if s.kind == "curriculum":
-                return build_scheme({"name": "curriculum", "params": {"seed": seed, **s.params}})(idx)
-            total = self.cfg.train.steps * self.cfg.rollout.prompts_per_step * self.cfg.filter.max_gen_batches
-            scheme = build_scheme({"name": "gated_curriculum", "params": {"seed": seed, **s.params}})
-            sampler = scheme(idx, total)
-            assert isinstance(sampler, PerformanceGatedCurriculumSampler)
-            return sampler
-        # mmr1: variance-aware sampling, scored from the training rollouts, stale prompts re-scored on a budget
-        vps = build_scheme({"name": "mmr1_vps", "params": {"pad_id": None, **s.vps}})
-        scheme = build_scheme({"name": "vas", "params": {"seed": seed, **s.params}})
-        return scheme(n, self.cfg.rollout.prompts_per_step, rescore_fn=self._vas_rescore, score_fn=vps,
-                      num_batches=self.cfg.train.steps)  # fmt: skip
-
-    def _broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        box = [obj]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
-
-    def _gather(self, items: list) -> list:
-        if self.world == 1:
-            return items
-        from accelerate.utils import gather_object
-
-        return gather_object(items)
-
-    def _any(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag OR-ed over the ranks, so that all of them stop at the same step."""
-        if self.world == 1:
-            return tuple(bool(f) for f in flags)
-        t = self.accel.reduce(torch.tensor([float(f) for f in flags], device=self.device), reduction="sum")
-        return tuple(bool(x > 0) for x in t.tolist())
 
     def _config_text(self) -> str:
         return yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
@@ -591,13 +268,15 @@ class Trainer:
         with the prompt ids into packing). A VLM's prompts are rendered with its processor's chat template and
         its images / video reach generation as extra model inputs."""
         if self.engine is not None:
-            self._sync_engine()
+            if self._engine_stale:  # push the policy's weights after an update
+                logger.debug("pushed %d tensors to the vLLM engine", self.rt.push_weights(self.engine))
+                self._engine_stale = False
             return generate_rollouts(
                 self.engine, self.tokenizer, [self._prompt(e) for e in examples], params
             ), None
         if not is_processor(self.processor):
             with self.accel.autocast():
-                ro = self._gathered(
+                ro = self.rt.gathered(
                     generate_rollouts, self.model, self.tokenizer, [self._prompt(e) for e in examples], params
                 )
             return ro, None
@@ -610,7 +289,7 @@ class Trainer:
         extra = generation_inputs(enc, pad, model=self.model)
         del extra["input_ids"], extra["attention_mask"]  # generate_rollouts pads the ids (left) the same way
         with self.accel.autocast():
-            ro = self._gathered(
+            ro = self.rt.gathered(
                 generate_rollouts,
                 self.model,
                 self.tokenizer,
@@ -664,7 +343,7 @@ class Trainer:
             vis = None if vision is None else vision[j // g]
             behaviour = None if ro.logprobs is None else ro.logprobs[j, : len(c)].cpu()
             rows.append((mine[j // g], p, c, text, bool(trunc), score, vis, behaviour))
-        rows = self._gather(rows)
+        rows = self.rt.gather(rows)
         return RolloutGroups(
             example=[r[0] for r in rows],
             examples=[self.train_set[r[0]] for r in rows],
@@ -680,7 +359,7 @@ class Trainer:
 
     def _rollout(self) -> tuple[RolloutGroups, dict[str, float]]:
         """Prompts -> scored completions, with DAPO dynamic sampling when enabled."""
-        self._hold_full_weights()  # FSDP: until the training forward (rollouts and reference passes)
+        self.rt.hold()  # FSDP: until the training forward (rollouts and reference passes)
         P, G = self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size
         if not self.cfg.filter.enabled:
             return self._generate_and_score(self.stream.next(P), self._seed(self.step, 0, self.rank)), {}
@@ -736,7 +415,7 @@ class Trainer:
                 lens = mb.rows.completion_lens.tolist()
                 mine += list(zip(mb.index, mb.ref_logp.detach().cpu().split(lens)))
         out: list[Tensor] = [torch.empty(0)] * groups.size
-        for i, lp in self._gather(mine):
+        for i, lp in self.rt.gather(mine):
             out[i] = lp
         return out
 
@@ -761,12 +440,14 @@ class Trainer:
             for mb in mbs:
                 if not mb.is_padding:
                     mb.ref_logp = (
-                        self._gathered(self.reference.logprobs, mb.rows, temperature=t) if need_ref else None
+                        self.rt.gathered(self.reference.logprobs, mb.rows, temperature=t)
+                        if need_ref
+                        else None
                     )
                     if groups.behaviour_logp is not None:  # the engine's (rollout.vllm.behaviour_logprobs)
                         mb.old_logp = torch.cat([groups.behaviour_logp[i] for i in mb.index]).to(self.device)
                     elif need_old:
-                        mb.old_logp = self._gathered(packed_logprobs, self.model, mb.rows, temperature=t)
+                        mb.old_logp = self.rt.gathered(packed_logprobs, self.model, mb.rows, temperature=t)
                     else:
                         mb.old_logp = None
 
@@ -789,18 +470,11 @@ class Trainer:
             with timer("policy"):
                 stats = self._accumulate(update)
             with timer("optimizer"):
-                if self._ds_steps is not None:  # the DeepSpeed engine clips and steps in one call
-                    grad_norm = self._ds_steps.step()
-                    self.scheduler.step()
-                    continue
-                grad_norm = self._grad_norm()
-                if math.isfinite(grad_norm):
-                    self.optimizer.step()
-                    self.scheduler.step()
+                grad_norm, stepped = self.rt.optimizer_step()
+                if stepped:
                     self.reference.step(self.model)  # the EMA reference counts optimizer steps
                 else:
                     skipped += 1
-                self.optimizer.zero_grad(set_to_none=True)
         self._count_skipped(skipped)
         self._engine_stale = True  # the next generation pushes the updated weights first
 
@@ -843,13 +517,6 @@ class Trainer:
         self._last_batch, self._last_adv = groups, adv
         return metrics
 
-    def _grad_norm(self) -> float:
-        """The global gradient norm, clipped to ``optim.grad_clip`` when that is > 0 (one device sync). Under
-        FSDP the norm of the sharded gradients (a DTensor, reduced over the ranks by torch)."""
-        clip = self.cfg.optim.grad_clip
-        norm = self.accel.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
-        return float(norm.full_tensor() if callable(getattr(norm, "full_tensor", None)) else norm)
-
     def _count_skipped(self, skipped: int) -> None:
         """A non-finite gradient skips its optimizer step (parameters, optimizer state, schedule and EMA stay as
         they were); ``train.max_skipped_steps`` training steps in a row with a skip stop the run."""
@@ -875,7 +542,7 @@ class Trainer:
         the same forward/backward calls). The step's metrics are summed on the device and fetched once.
         """
         cfg = self.cfg
-        self._release_full_weights()  # FSDP: the training forward gathers and reshards unit by unit
+        self.rt.release()  # FSDP: the training forward gathers and reshards unit by unit
         zero_weight_loss = dataclasses.replace(cfg.loss, beta=0.0)  # a step that trains nothing needs no KL
         mbs = update.micro_batches
         local_items = sum(mb.num_loss_tokens for mb in mbs)
@@ -896,7 +563,7 @@ class Trainer:
                 a, blend, mask, old, ref, loss_cfg = (torch.zeros(mb.rows.num_sequences, device=self.device), None,
                                                       None, None, None, zero_weight_loss)  # fmt: skip
             last = k == len(mbs) - 1
-            with dist.gradient_sync(self.policy, last or self._ds_steps is not None, self.accel, self.world):
+            with self.rt.sync(last):
                 # decoder and fused loss in the engine's forward (the LM head's weight is read there, gathered
                 # under FSDP / ZeRO-3); the logits are never built
                 out = self.policy(mb.rows, dict(
@@ -911,10 +578,7 @@ class Trainer:
                     if trains
                     else 0.0
                 )  # fmt: skip
-                if self._ds_steps is not None:
-                    self._ds_steps.backward(out.loss * scale, last)
-                else:
-                    self.accel.backward(out.loss * scale)
+                self.rt.backward(out.loss * scale, last)
             if trains:  # token-weighted metrics
                 n_tok += m
                 sums[1] += (out.entropy * mask).sum().double()
@@ -927,9 +591,9 @@ class Trainer:
                     sums[j] += val.double() * m
                 sums[len(keys)] += out.loss.detach().double() * scale / self.world
         totals = torch.cat([sums, torch.tensor([n_tok], dtype=torch.float64, device=self.device)])
-        if self.world > 1:
-            totals = self.accel.reduce(totals, reduction="sum")
-        totals = totals.tolist()  # the one device -> host transfer of the step's loss metrics
+        totals = self.rt.reduce_sum(
+            totals
+        ).tolist()  # the one device -> host transfer of the step's loss metrics
         n = max(totals[-1], 1.0)
         out = {key: totals[i] / n for i, key in enumerate(keys)}
         out["loss"] = totals[len(keys)]
@@ -968,14 +632,14 @@ class Trainer:
                     self.signal_guard.update(metrics)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(_progress_fields(metrics))
+                    bar.set_postfix(progress_fields(metrics))
                 for cb in self.callbacks:
                     cb(self, metrics)
                 periodic = cfg.train.save_every > 0 and self.step % cfg.train.save_every == 0
                 over_budget = (
                     cfg.train.time_budget_s > 0 and time.perf_counter() - start > cfg.train.time_budget_s
                 )
-                signalled, over_budget = self._any(self._stop_requested, over_budget)  # every rank agrees
+                signalled, over_budget = self.rt.any(self._stop_requested, over_budget)  # every rank agrees
                 if signalled or over_budget or periodic:
                     self.save()
                 if signalled or over_budget:
@@ -1020,26 +684,10 @@ class Trainer:
         if n and self.is_main and getattr(self, "_last_batch", None) is not None and "reward" in metrics:
             with open(self.run_dir / "completions.jsonl", "a") as f:
                 for i in range(min(n, self._last_batch.size)):
-                    f.write(json.dumps(self._completion_record(metrics["step"], i)) + "\n")
-
-    def _completion_record(self, step: int, i: int) -> dict[str, Any]:
-        """One line of ``completions.jsonl``: completion ``i`` of the last step with its prompt (the example's
-        index in the training set and its last turn), every reward term (null: not applicable), the total
-        reward after reward shaping and the advantage (COPO: the global one, the local one and the blend
-        weight; PRM: the mean of the token advantages too)."""
-        b, adv = self._last_batch, self._last_adv
-        ex = b.examples[i]
-        value = lambda x: None if math.isnan(x := float(x)) else x
-        rec = {"step": step, "example": b.example[i], "prompt": ex.question, "answer": ex.answer,
-               "completion": b.texts[i], "completion_len": len(b.completion_ids[i]),
-               "truncated": bool(b.truncated[i]), "rewards": {k: value(v[i]) for k, v in b.terms.items()},
-               "reward": value(adv.rewards[i]), "advantage": value(adv.values[i])}  # fmt: skip
-        if adv.local is not None:
-            rec.update(advantage_local=value(adv.local[i]), blend=value(adv.blend[i]))
-        if adv.per_token is not None:
-            tok = adv.per_token[i]
-            rec["advantage_token_mean"] = value(tok.float().mean()) if len(tok) else None
-        return rec
+                    f.write(
+                        json.dumps(completion_record(metrics["step"], self._last_batch, self._last_adv, i))
+                        + "\n"
+                    )
 
     def _install_signal_handlers(self) -> dict:
         def handler(signum, frame):
@@ -1064,7 +712,7 @@ class Trainer:
         examples = self.eval_set[: num or len(self.eval_set)]
         if not examples:
             return {}
-        self._hold_full_weights()  # FSDP: ranks generate different numbers of chunks
+        self.rt.hold()  # FSDP: ranks generate different numbers of chunks
         mine = list(range(len(examples)))[self.rank :: self.world]
         rows = []
         for s in range(0, len(mine), 32):
@@ -1073,7 +721,7 @@ class Trainer:
             state = self._trainer_state()
             scores = self.rewards.score_lists(ro.texts, chunk, ro.completions(), trainer_state=state)
             rows += [{name: v[j] for name, v in scores.items()} for j in range(len(chunk))]
-        rows = self._gather(rows)
+        rows = self.rt.gather(rows)
         # a completion the accuracy term does not apply to (None) does not count
         accuracy = [a for r in rows if not math.isnan(a := r[self.rewards.accuracy_term])]
         reward = [self.rewards.total(r) for r in rows]
@@ -1117,7 +765,7 @@ class Trainer:
         )
         rows = [({k: v[j] for k, v in scores.items()}, res.status == "answered", res.model_calls, res.tokens, dt)
                 for j, (res, dt) in enumerate(results)]  # fmt: skip
-        rows = self._gather(rows)
+        rows = self.rt.gather(rows)
         # a solution the accuracy term does not apply to (None) does not count
         accuracy = [a for r in rows if not math.isnan(a := r[0][self.rewards.accuracy_term])]
         n = len(rows)
@@ -1133,23 +781,9 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
-        self._release_full_weights()  # FSDP: the state dict of sharded units
-        rng = self._gather([capture_rng()])
+        weights, optimizer_state = self.rt.checkpoint_state()  # FSDP: gathered on rank 0 (a collective)
+        rng = self.rt.gather([capture_rng()])
         path = None
-        weights = optimizer_state = None
-        if dist.is_fsdp(self.policy):
-            # full state dicts gathered on rank 0 (a collective: every rank is here)
-            weights, optimizer_state = dist.full_state(self.policy, self.optimizer)
-        elif self._ds_steps is not None:
-            # the weights, gathered one at a time under ZeRO-3; not ZeRO's partitioned optimizer state
-            weights = {}
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    with self._zero3_gathered([p]):
-                        weights[name] = p.detach().cpu().clone()
-            optimizer_state = {
-                "deepspeed": "the ZeRO-partitioned optimizer state is not saved (docs/distributed.md)"
-            }
         if self.is_main:
             ref_state = self.reference.state_dict()
             ema = ref_state.get("ema")
@@ -1170,24 +804,7 @@ class Trainer:
         """Continue from ``ckpt`` (``training=False``: evaluation, the weights matter). An FSDP checkpoint's
         optimizer state is FQN-keyed (torch's full state dict) and loads into an FSDP run only; a DeepSpeed
         checkpoint has no optimizer state (ZeRO partitions it over the ranks; :meth:`save`) and only evaluates."""
-        saved = ckpt.state.get("strategy", "ddp")
-        if saved == "deepspeed" and training:
-            raise RuntimeError(
-                f"checkpoint {ckpt.path} was written by a distributed.strategy=deepspeed run: it holds the gathered "
-                "weights (export, evaluation) but not the ZeRO-partitioned optimizer state, so a run cannot resume "
-                "from it exactly"
-            )
-        if saved != "deepspeed" and (saved == "fsdp") != (self.cfg.distributed.strategy == "fsdp"):
-            raise RuntimeError(
-                f"checkpoint {ckpt.path} was written by a distributed.strategy={saved!r} run, whose optimizer state "
-                f"has another layout; resume it with distributed.strategy={saved!r}"
-            )
-        load = None
-        if dist.is_fsdp(self.policy):
-            load = lambda weights, optim: dist.load_full_state(  # noqa: E731
-                self.policy, self.optimizer, weights, None if saved == "deepspeed" else optim
-            )
-        optimizer = None if saved == "deepspeed" else self.optimizer
+        optimizer, load = self.rt.checkpoint_loader(ckpt.path, ckpt.state.get("strategy", "ddp"), training)
         state = apply_checkpoint(ckpt, model=self.model, optimizer=optimizer, scheduler=self.scheduler,
                                  load=load)  # fmt: skip
         if state.get("world_size", 1) != self.world:
@@ -1227,7 +844,7 @@ class Trainer:
             for j, k in enumerate(chunk):
                 span = range(j * n, (j + 1) * n)
                 rows.append((k, [float(scores[r] > 0) for r in span], [comps[r] for r in span]))
-        rows = sorted(self._gather(rows))
+        rows = sorted(self.rt.gather(rows))
         return torch.tensor([r[1] for r in rows]), [r[2] for r in rows]
 
 

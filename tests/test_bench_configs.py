@@ -24,7 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_bench_configs_smoke(tmp_path):
     doc = tmp_path / "configs.md"
     doc.write_text(f"# kept above\n\n{BEGIN}\nold table\n{END}\n\nkept below\n")
-    args = ["--smoke", "--configs", "grpo,dapo,care_vl", "--seeds", "0", "--out", str(tmp_path), "--doc", str(doc)]
+    args = [
+        "--smoke",
+        "--configs",
+        "grpo,dapo,care_vl",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--doc",
+        str(doc),
+    ]
     assert main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert sorted(r["config"] for r in rows) == ["care_vl", "dapo", "grpo"]
@@ -40,11 +50,15 @@ def test_bench_configs_smoke(tmp_path):
         evals = [m["eval/accuracy"] for m in metrics if m.get("eval/accuracy") is not None]
         assert [r["acc_before"], r["acc_after"]] == evals
     text = doc.read_text()
-    assert text.startswith("# kept above") and text.rstrip().endswith("kept below") and "old table" not in text
+    assert (
+        text.startswith("# kept above") and text.rstrip().endswith("kept below") and "old table" not in text
+    )
     by_name = {r["config"]: r for r in rows}
     grpo = by_name["grpo"]
     line = next(ln for ln in text.splitlines() if ln.startswith("| `grpo` |"))
-    assert f"{grpo['signal']:.2f}" in line and f"{grpo['reward_first']:.2f} → {grpo['reward_last']:.2f}" in line
+    assert (
+        f"{grpo['signal']:.2f}" in line and f"{grpo['reward_first']:.2f} → {grpo['reward_last']:.2f}" in line
+    )
     assert "wiring only" in next(ln for ln in text.splitlines() if ln.startswith("| `care_vl` |"))
     # a rerun reads the finished runs back and only rewrites the table
     assert main(args) == 0

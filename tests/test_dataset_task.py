@@ -8,6 +8,8 @@ import logging
 
 import pytest
 
+import fastgrpo.models
+
 datasets = pytest.importorskip("datasets")
 
 from fastgrpo.rewards.outcome import ANSWER_REWARDS, accuracy_reward  # noqa: E402
@@ -280,12 +282,11 @@ def test_trainer_wiring_of_the_dataset_task(tmp_path, monkeypatch):
             None, [*_TINY, f"task.dataset={f}", "task.answer_field=null", "rewards=[{name: accuracy}]"]
         )
 
-    import fastgrpo.trainer as trainer_mod
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(trainer_mod, "load_policy", no_model)
+    monkeypatch.setattr(fastgrpo.models, "load_policy", no_model)
     g = _write_jsonl(
         tmp_path / "noanswer.jsonl", [{"prompt": "Say a."}, {"prompt": "Say b."}, {"prompt": "Say c."}]
     )

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import DIGIT_REWARD, TINY_TRAINING
 
+import fastgrpo.models
 from fastgrpo import distributed as dist
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.models import apply_lora
@@ -66,9 +67,8 @@ def test_bad_distributed_config_names_the_key(overrides, key):
 
 
 def test_engines_that_need_a_gpu_are_refused_before_any_model_work(tmp_path, monkeypatch):
-    import fastgrpo.trainer as tr
 
-    monkeypatch.setattr(tr, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(fastgrpo.models, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
     base = [*TINY_TRAINING, f"train.output_dir={tmp_path}"]
     with pytest.raises(ConfigError, match="deepspeed needs CUDA"):
         Trainer(load_config(None, [*base, "distributed.strategy=deepspeed"]))
@@ -313,17 +313,17 @@ class FakeLLM:
 def _vllm_trainer(tmp_path, monkeypatch, *overrides):
     holder = {}
 
-    def build(self):
+    def build(cfg, rt, tokenizer):
         model, tok = tiny_model_and_tokenizer(seed=99)  # other weights: only the pushes make it the policy
         holder["llm"] = FakeLLM(model, tok)
         return VLLMEngine(
             llm=holder["llm"],
             sampling_params_cls=_SamplingParams,
-            sleep_level=self.cfg.rollout.vllm.sleep_level,
+            sleep_level=cfg.rollout.vllm.sleep_level,
         )
 
-    monkeypatch.setattr(Trainer, "_vllm_can_run", lambda self: True)
-    monkeypatch.setattr(Trainer, "_build_engine", build)
+    monkeypatch.setattr(dist, "vllm_can_run", lambda device: True)
+    monkeypatch.setattr(dist, "build_vllm_engine", build)
     cfg = load_config(None, [*TINY_TRAINING, DIGIT_REWARD, "train.steps=2", "rollout.engine=vllm",
                              f"train.output_dir={tmp_path}", *overrides])  # fmt: skip
     trainer = Trainer(cfg)

@@ -16,7 +16,8 @@ from conftest import DIGIT_REWARD, TINY_RUN
 
 from fastgrpo.config import SCHEDULERS, ConfigError, OptimConfig, load_config
 from fastgrpo.observability import plot_panels, plot_run, read_metrics
-from fastgrpo.trainer import Trainer, _progress_fields
+from fastgrpo.observability import progress_fields as _progress_fields
+from fastgrpo.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY_RUN
 
+import fastgrpo.models
 import fastgrpo.trainer as trainer_mod
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.rewards import RewardTerms, register_reward
@@ -282,7 +283,7 @@ def test_wrong_shaped_rewards_fail_before_the_model_loads(tmp_path, monkeypatch)
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the rewards were checked")
 
-    monkeypatch.setattr(trainer_mod, "load_policy", no_model)
+    monkeypatch.setattr(fastgrpo.models, "load_policy", no_model)
     data = _dataset(tmp_path, conversational=False)
     with pytest.raises(ConfigError, match=r"reward 'python:test_trl_rewards:one_argument' has the signature"):
         trainer_mod.Trainer(_cfg(tmp_path, data, "[{name: 'python:test_trl_rewards:one_argument'}]"))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_TRAINING
 
+import fastgrpo.models
 from fastgrpo.cli import main as cli_main
 from fastgrpo.config import ConfigError, load_config
 from fastgrpo.trainer import RunResult, Trainer
@@ -80,16 +81,15 @@ def test_an_unknown_tracker_is_a_config_error():
 
 
 def test_a_tokenizer_without_chat_template_is_refused(monkeypatch, tmp_path):
-    import fastgrpo.trainer as trainer_mod
 
-    real = trainer_mod.load_policy
+    real = fastgrpo.models.load_policy
 
     def no_template(*args, **kwargs):
         model, tok = real(*args, **kwargs)
         tok.chat_template = None
         return model, tok
 
-    monkeypatch.setattr(trainer_mod, "load_policy", no_template)
+    monkeypatch.setattr(fastgrpo.models, "load_policy", no_template)
     with pytest.raises(
         ConfigError, match=r"rollout\.chat_template: the tokenizer of 'tiny' has no chat template"
     ):

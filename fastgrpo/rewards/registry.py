@@ -35,9 +35,11 @@ from fastgrpo.rewards.outcome import accuracy_reward, dapo_reward, format_reward
 from fastgrpo.rewards.prm import prm_greedy_search, step_token_advantages
 from fastgrpo.rewards.rewardmap import rewardmap_reward
 from fastgrpo.sampling import (
+    REWARDMAP_STAGES,
     CurriculumSampler,
     PerformanceGatedCurriculumSampler,
     VarianceAwareSampler,
+    stages_from_labels,
 )
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "get_scheme",
     "list_schemes",
     "build_scheme",
+    "build_sampler",
     "scheme_params",
 ]
 
@@ -142,6 +145,35 @@ def build_scheme(config: str | Mapping[str, Any]) -> Scheme:
         )
     name = config["name"]
     return Scheme(get_scheme(name), scheme_params(name, config.get("params")))
+
+
+def build_sampler(cfg: Any, labels: list[str], *, rescore_fn: Callable | None = None) -> Any:
+    """The prompt sampler of a :class:`fastgrpo.config.Config` (``sampler`` section) over a training set whose
+    examples carry ``labels`` (``sampler.stage_key`` of each, for the curricula): uniform / sequential epochs,
+    RewardMap's staged curriculum (plain or performance-gated), or MMR1's variance-aware sampling (scored from
+    the training rollouts, stale prompts re-scored by ``rescore_fn`` on a budget)."""
+    from fastgrpo._schema import ConfigError
+
+    s, n, seed = cfg.sampler, len(labels), cfg.train.seed
+    if s.kind in ("random", "sequential"):
+        params = {"seed": seed, **s.params}
+        if s.kind == "sequential":
+            params["shuffle_within"] = False
+        return build_scheme({"name": "curriculum", "params": params})([list(range(n))])
+    if s.kind in ("curriculum", "curriculum_gated"):
+        stages = [tuple(x) for x in s.stages] if s.stages else REWARDMAP_STAGES
+        try:
+            idx = stages_from_labels(labels, stages)
+        except ValueError as e:
+            raise ConfigError(f"sampler.stages: {e}") from None
+        if s.kind == "curriculum":
+            return build_scheme({"name": "curriculum", "params": {"seed": seed, **s.params}})(idx)
+        total = cfg.train.steps * cfg.rollout.prompts_per_step * cfg.filter.max_gen_batches
+        return build_scheme({"name": "gated_curriculum", "params": {"seed": seed, **s.params}})(idx, total)
+    vps = build_scheme({"name": "mmr1_vps", "params": {"pad_id": None, **s.vps}})
+    scheme = build_scheme({"name": "vas", "params": {"seed": seed, **s.params}})
+    return scheme(n, cfg.rollout.prompts_per_step, rescore_fn=rescore_fn, score_fn=vps,
+                  num_batches=cfg.train.steps)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .visual_math import VisualMathTask
 from .visual_transit import TransitMapTask
 
 __all__ = [
+    "build_splits",
     "ANSWER_INSTRUCTION",
     "Example",
     "Task",
@@ -83,3 +84,27 @@ def build_task(name: str, **options: Any) -> Task:
             f"task.options.{unknown[0]}: unknown option for task {name!r} (valid: {', '.join(valid)})"
         )
     return cls(**options)
+
+
+def build_splits(tc: Any, reward_names: list[str]) -> tuple[list[Example], list[Example]]:
+    """The train and held-out examples of a ``task`` config section (:class:`fastgrpo.config.TaskConfig`;
+    ``num_train`` unset: the task's default, all rows of a dataset), checked against the run's reward terms;
+    a bad option or dataset raises :class:`~fastgrpo._schema.ConfigError` before any model work."""
+    from fastgrpo._schema import ConfigError
+
+    opts = dict(tc.options)
+    if tc.name == "dataset":
+        if not tc.dataset:
+            raise ConfigError("task.dataset: the 'dataset' task needs task.dataset (a path or dataset name)")
+        opts.update(source=tc.dataset, split=tc.dataset_split, prompt_field=tc.prompt_field,
+                    answer_field=tc.answer_field)  # fmt: skip
+        opts.update({k: v for k in ("eval_split", "eval_source") if (v := getattr(tc, k)) is not None})
+    try:
+        task = build_task(tc.name, **opts)
+        num_train = tc.num_train if tc.num_train is not None else task.default_num_train
+        train, held_out = task.split(num_train, tc.num_eval, tc.seed)
+        if callable(getattr(task, "check_rewards", None)):
+            task.check_rewards(reward_names)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return train, held_out
