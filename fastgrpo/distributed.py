@@ -30,6 +30,11 @@ Checkpoints of an FSDP run are full state dicts gathered on rank 0 (:func:`full_
 Torch's sharded distributed checkpoint would avoid rank 0 holding the full trainable state in CPU memory; it is
 not used because the LoRA adapters and the models this trainer targets fit there easily, and one file layout
 keeps export, evaluation and integrity checks identical for every strategy (docs/distributed.md).
+
+The trainer reaches all of this through one object, :class:`Runtime` (built by :func:`make_accelerator`'s
+accelerator and the policy): the wrapped policy, its optimizer step, the full-weight phases, checkpoint state
+and the collectives, the same calls for every strategy; :func:`build_vllm_engine` starts the colocated vLLM
+engine the trainer pushes weights to (:meth:`Runtime.push_weights`).
 """
 
 from __future__ import annotations
