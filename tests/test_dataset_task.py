@@ -282,7 +282,6 @@ def test_trainer_wiring_of_the_dataset_task(tmp_path, monkeypatch):
             None, [*_TINY, f"task.dataset={f}", "task.answer_field=null", "rewards=[{name: accuracy}]"]
         )
 
-
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the data was checked")
 
