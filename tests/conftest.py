@@ -82,6 +82,21 @@ def loss_batch(gen: torch.Generator, b: int, t: int, d: int, v: int, mask_p: flo
     return dict(h=h, w=w, bias=bias, y=y, mask=mask, old=old, ref=ref, adv=adv)
 
 
+def eos_biased_tiny(eos_bias: float):
+    """The tiny model (seed 0) with an lm_head bias of ``eos_bias`` on EOS: completions that end at many
+    different lengths. Returns ``(model, tokenizer)``."""
+    from fastgrpo.tiny import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = eos_bias
+    model.lm_head = head
+    return model, tok
+
+
 def rand_ids(gen: torch.Generator, vocab: int, lens: list[int]) -> list[torch.Tensor]:
     """Random token ids (ids 0-3 left free for special tokens), one tensor per length."""
     return [torch.randint(4, vocab, (n,), generator=gen) for n in lens]

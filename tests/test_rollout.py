@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import eos_biased_tiny
 
 from fastgrpo import _backends
 from fastgrpo.packing import packed_logprobs
@@ -34,14 +35,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def eos_heavy():
     """The tiny model with an lm_head bias that makes EOS likely: completions of many different lengths."""
-    model, tok = tiny_model_and_tokenizer(seed=0)
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tok.eos_token_id] = 5.0
-    model.lm_head = head
-    return model, tok
+    return eos_biased_tiny(5.0)
 
 
 def _check_layout(r: RolloutBatch, eos: int, pad: int, b: int, g: int, max_new: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import padded_logprobs
+from conftest import eos_biased_tiny, padded_logprobs
 
 from fastgrpo.packing import packed_logprobs
 from fastgrpo.rollout import SamplingParams, _generate_prefill_once, generate_rollouts, tokenize_prompts
@@ -24,14 +24,7 @@ MODES = ("shared", "expanded")
 @pytest.fixture(scope="module")
 def eos_heavy():
     """The tiny model with an lm_head bias that makes EOS likely: a group's completions end at many lengths."""
-    model, tok = tiny_model_and_tokenizer(seed=0)
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tok.eos_token_id] = 3.0
-    model.lm_head = head
-    return model, tok
+    return eos_biased_tiny(3.0)
 
 
 def _same_rollouts(a, b, logp_tol: float = 1e-5) -> None:
