@@ -152,6 +152,11 @@ class Trainer:
             changes = resume_changes(resume_config(ckpt.config_text, source=f"{ckpt.path}/config.yaml"), cfg)
         self.accel = accel = make_accelerator(cfg)
         self.rank, self.world, self.device = accel.process_index, accel.num_processes, accel.device
+        if cfg.rollout.prompts_per_step < self.world:  # each rank generates its share of the step's prompts
+            raise ConfigError(
+                f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} prompts cannot be shared by {self.world} "
+                f"processes; use at least {self.world} (one per process)"
+            )
         if cfg.rollout.engine == "vllm" and not dist.vllm_can_run(self.device):
             raise ConfigError(
                 "rollout.engine: vllm runs on CUDA GPUs with the vllm package (pip install 'fastgrpo[vllm]'); "

@@ -256,9 +256,31 @@ def test_two_process_accelerate_cpu(tmp_path):
 
 
 def test_world_size_guard(monkeypatch, tmp_path):
+    import types
+
+    import accelerate
+
     monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher said 2 processes, but this one is alone
+    # accelerate's own state would try to join a process group here: a stand-in that runs alone
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: types.SimpleNamespace(num_processes=1))
     with pytest.raises(RuntimeError, match="accelerate runs 1"):
         Trainer(_cfg(tmp_path, "train.steps=1"))
+
+
+def test_fewer_prompts_than_processes_is_refused_before_model_work(monkeypatch, tmp_path):
+    """Each process generates its share of a step's prompts: fewer prompts than processes is a config error."""
+    import types
+
+    import fastgrpo.models
+    import fastgrpo.trainer as trainer_mod
+
+    fake = types.SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"))
+    monkeypatch.setattr(trainer_mod, "make_accelerator", lambda cfg: fake)
+    monkeypatch.setattr(fastgrpo.models, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(
+        ValueError, match=r"rollout.prompts_per_step: 1 prompts cannot be shared by 2 processes"
+    ):
+        Trainer(_cfg(tmp_path, "rollout.prompts_per_step=1"))
 
 
 def test_speed_and_memory_switches(tmp_path):
