@@ -70,7 +70,7 @@ from .rewards.terms import RewardTerms, register_reward, trl_columns
 from .rollout import SamplingParams, generate_rollouts
 from .sampling import DynamicSamplingBuffer, PromptStream
 from .tasks import Example, build_splits, render_prompt
-from .vlm import check_example, encode_prompts, generation_inputs, is_processor
+from .vlm import check_example, is_processor, rollout_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -272,37 +272,17 @@ class Trainer:
         each prompt's vision inputs (:class:`fastgrpo.vlm.VisionInputs`, None for a text-only prompt; they go
         with the prompt ids into packing). A VLM's prompts are rendered with its processor's chat template and
         its images / video reach generation as extra model inputs."""
-        if self.engine is not None:
+        prompts, model_inputs, vision = rollout_prompts(self.processor, examples, model=self.model,
+                                                        text_prompt=self._prompt)  # fmt: skip
+        if self.engine is not None:  # text prompts only (a VLM is refused at start)
             if self._engine_stale:  # push the policy's weights after an update
                 logger.debug("pushed %d tensors to the vLLM engine", self.rt.push_weights(self.engine))
                 self._engine_stale = False
-            return generate_rollouts(
-                self.engine, self.tokenizer, [self._prompt(e) for e in examples], params
-            ), None
-        if not is_processor(self.processor):
-            with self.accel.autocast():
-                ro = self.rt.gathered(
-                    generate_rollouts, self.model, self.tokenizer, [self._prompt(e) for e in examples], params
-                )
-            return ro, None
-        enc = encode_prompts(self.processor, examples)
-        pad = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id
-        )
-        extra = generation_inputs(enc, pad, model=self.model)
-        del extra["input_ids"], extra["attention_mask"]  # generate_rollouts pads the ids (left) the same way
+            return generate_rollouts(self.engine, self.tokenizer, prompts, params), None
         with self.accel.autocast():
-            ro = self.rt.gathered(
-                generate_rollouts,
-                self.model,
-                self.tokenizer,
-                [e.ids for e in enc],
-                params,
-                model_inputs=extra,
-            )
-        return ro, [e.vision for e in enc]
+            ro = self.rt.gathered(generate_rollouts, self.model, self.tokenizer, prompts, params,
+                                  model_inputs=model_inputs)  # fmt: skip
+        return ro, vision
 
     def _sampling(self, seed: int, **overrides: Any) -> SamplingParams:
         r = self.cfg.rollout

@@ -65,6 +65,7 @@ __all__ = [
     "check_example",
     "encode_prompts",
     "generation_inputs",
+    "rollout_prompts",
     "vlm_body",
     "is_vlm",
     "uses_mrope",
@@ -653,6 +654,26 @@ def encode_prompts(
 
 def _cat_inputs(items: Sequence[MediaItem]) -> dict[str, Tensor]:
     return {k: torch.cat([it.inputs[k] for it in items]) for k in items[0].inputs} if items else {}
+
+
+def rollout_prompts(
+    processor: Any, examples: Sequence[Any], *, model: nn.Module, text_prompt: Any
+) -> tuple[list[Any], dict[str, Tensor] | None, list[VisionInputs | None] | None]:
+    """What :func:`fastgrpo.rollout.generate_rollouts` takes for ``examples``, and what packing takes after it:
+    ``(prompts, model_inputs, vision)``. A text model's processor is its tokenizer: ``text_prompt(example)``
+    each (messages for its chat template, or a rendered string), no extra inputs, no vision. A vision-language
+    model's: the prompt ids rendered by :func:`encode_prompts` (chat template and media placeholders), the
+    media inputs of :func:`generation_inputs` (the ids are padded by ``generate_rollouts`` itself) and each
+    prompt's :class:`VisionInputs` (None for a text-only prompt)."""
+    if not is_processor(processor):
+        return [text_prompt(e) for e in examples], None, None
+    enc = encode_prompts(processor, examples)
+    tok = processor.tokenizer
+    extra = generation_inputs(
+        enc, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, model=model
+    )
+    del extra["input_ids"], extra["attention_mask"]
+    return [e.ids for e in enc], extra, [e.vision for e in enc]
 
 
 def generation_inputs(
