@@ -247,6 +247,17 @@ def test_symbolic_rejects_words():
     assert symbolic_equal("\\sqrt{12}", "2\\sqrt{3}") and symbolic_equal("\\pi r^2", "r^2 \\pi")
 
 
+def test_symbolic_refuses_runaway_expressions():
+    """A model can write a power tower or a huge factorial; sympy would compute it for hours. "Not equal", at once
+    (a hang here used to stall the whole training step); ordinary powers, roots and factorials still compare."""
+    pytest.importorskip("sympy")
+    for runaway in ("9^9^9^9", "99999!", "(99!)!", "2^{1001}", "9^(999999999/1)", "2^(10^9/1)"):
+        assert not symbolic_equal(runaway, "3"), runaway
+        assert accuracy_reward(f"<answer>{runaway}</answer>", "3", backend="builtin") == 0.0
+    assert symbolic_equal("2^10", "1024") and symbolic_equal("5!", "120")
+    assert symbolic_equal("2^(1/2)", "\\sqrt{2}") and symbolic_equal("\\sqrt{2}", "2^{1/2}")
+
+
 def test_builtin_accuracy_with_gsm8k_gold():
     gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
     assert accuracy_reward("so 72.\n#### 72", gold, backend="builtin") == 1.0

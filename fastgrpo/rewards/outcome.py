@@ -356,11 +356,38 @@ def symbolic_equal(a: str, b: str) -> bool:
     if not (_words_are_maths(pa) and _words_are_maths(pb)):
         return False
     try:
+        # a model's "9^9^9^9" or "99999!" would take sympy hours to evaluate: factorials are checked in the text
+        # (sympy computes an integer's factorial even unevaluated), powers on the unevaluated expression
+        if any(_COSTLY_FACTORIAL.search(p) for p in (pa, pb)) or any(
+            _too_costly(parse_expr(p, transformations=transformations, evaluate=False), sympy)
+            for p in (pa, pb)
+        ):
+            return False
         x = parse_expr(pa, transformations=transformations, evaluate=True)
         y = parse_expr(pb, transformations=transformations, evaluate=True)
         return bool(sympy.simplify(x - y) == 0)
     except Exception:  # sympy raises many exception types on malformed input; not equal then
         return False
+
+
+_MAX_EXPONENT = 1000  # the largest |exponent| of a power with a numeric exponent, and factorial argument
+
+
+#: a factorial of a number over _MAX_EXPONENT or of a bracketed expression ("(99!)!")
+_COSTLY_FACTORIAL = re.compile(r"(\d{4,}|\))\s*!")
+
+
+def _too_costly(expr: Any, sympy: Any) -> bool:
+    """An unevaluated expression whose evaluation could run away: a power tower, or a power whose numeric
+    exponent exceeds :data:`_MAX_EXPONENT` in magnitude."""
+    for p in expr.atoms(sympy.Pow):
+        exp = p.exp
+        # a power inside an exponent (other than the x**-1 of a quotient) makes a tower
+        if any(not q.exp.is_Number or abs(q.exp) > 1 for q in exp.atoms(sympy.Pow)):
+            return True
+        if not exp.free_symbols and abs(complex(sympy.N(exp))) > _MAX_EXPONENT:
+            return True
+    return False
 
 
 def _has_sympy() -> bool:
