@@ -71,3 +71,7 @@ def test_verdict():
     flat = {**row, "acc_after": 0.1}
     assert verdict([row, flat]) == "reward up 2/2, accuracy up 1/2"
     assert verdict([{**row, "wiring_only": True}]) == "wiring only"
+    # a curriculum's later stages are harder: its training reward may fall while it learns
+    down = {**row, "reward_last": 0.1}
+    assert verdict([down, down], staged=True) == "learns (2/2 seeds) (curriculum: held-out accuracy)"
+    assert verdict([down, flat], staged=True).startswith("accuracy up 1/2")
