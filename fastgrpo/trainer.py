@@ -707,12 +707,15 @@ class Trainer:
             scores = self.rewards.score_lists(ro.texts, chunk, ro.completions(), trainer_state=state)
             rows += [{name: v[j] for name, v in scores.items()} for j in range(len(chunk))]
         rows = self.rt.gather(rows)
-        # a completion the accuracy term does not apply to (None) does not count
-        accuracy = [a for r in rows if not math.isnan(a := r[self.rewards.accuracy_term])]
-        reward = [self.rewards.total(r) for r in rows]
+        return self._held_out(rows)
+
+    def _held_out(self, scores: list[dict[str, float]]) -> dict[str, Any]:
+        """Held-out accuracy (the accuracy term; a completion it does not apply to, None, does not count) and mean
+        total reward of every rank's scored completions, with what reward functions logged meanwhile."""
+        accuracy = [a for r in scores if not math.isnan(a := r[self.rewards.accuracy_term])]
         return {
             "eval/accuracy": sum(accuracy) / len(accuracy) if accuracy else None,
-            "eval/reward": sum(reward) / len(rows),
+            "eval/reward": sum(self.rewards.total(r) for r in scores) / len(scores),
             **{f"eval/{k}": v for k, v in self.rewards.pop_metrics().items()},
         }
 
@@ -751,12 +754,9 @@ class Trainer:
         rows = [({k: v[j] for k, v in scores.items()}, res.status == "answered", res.model_calls, res.tokens, dt)
                 for j, (res, dt) in enumerate(results)]  # fmt: skip
         rows = self.rt.gather(rows)
-        # a solution the accuracy term does not apply to (None) does not count
-        accuracy = [a for r in rows if not math.isnan(a := r[0][self.rewards.accuracy_term])]
         n = len(rows)
         return {
-            "eval/accuracy": sum(accuracy) / len(accuracy) if accuracy else None,
-            "eval/reward": sum(self.rewards.total(r[0]) for r in rows) / n,
+            **self._held_out([r[0] for r in rows]),
             "eval/answered": sum(r[1] for r in rows) / n,
             "eval/model_calls": sum(r[2] for r in rows) / n,
             "eval/tokens": sum(r[3] for r in rows) / n,
