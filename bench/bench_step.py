@@ -96,6 +96,29 @@ def _examples(task: str, seed: int, num_train: int, num_eval: int):
     return build_task(task).split(num_train, num_eval, seed=1234 + seed)
 
 
+def trl_inputs(
+    task: str, seed: int, num_train: int, num_eval: int
+) -> tuple[Any, tuple[Any, Any], list, list]:
+    """What TRL's ``GRPOTrainer`` gets in these benches: the training examples as a conversational ``datasets``
+    dataset (``prompt``, ``answer``) and the two reward functions (tags, right number: :func:`_rewards`) in TRL's
+    signature; then the training and held-out examples themselves."""
+    from datasets import Dataset
+
+    train, held = _examples(task, seed, num_train, num_eval)
+    data = Dataset.from_list([{"prompt": e.messages, "answer": e.answer} for e in train])
+
+    def text_of(c) -> str:
+        return c if isinstance(c, str) else c[-1]["content"]
+
+    def tags_reward(prompts, completions, answer, **kw):
+        return [_rewards(text_of(c), a)[0] for c, a in zip(completions, answer)]
+
+    def correct_reward(prompts, completions, answer, **kw):
+        return [_rewards(text_of(c), a)[1] for c, a in zip(completions, answer)]
+
+    return data, (tags_reward, correct_reward), train, held
+
+
 @torch.no_grad()
 def heldout_accuracy(model, tokenizer, examples) -> float:
     """Greedy accuracy on held-out prompts (the same function for both trainers)."""
@@ -138,25 +161,14 @@ def _prompt_tokens(tok, examples) -> float:
 
 
 def run_trl(model_name: str, task: str, seed: int, steps: int, out: Path, num_eval: int) -> dict[str, Any]:
-    from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from fastgrpo.models import load_causal_lm
 
-    train, held = _examples(task, seed, 512, num_eval)
+    data, (tags_reward, correct_reward), train, held = trl_inputs(task, seed, 512, num_eval)
     model, tok = load_causal_lm(model_name, dtype=torch.float32, attn_implementation="sdpa")
-    data = Dataset.from_list([{"prompt": e.messages, "answer": e.answer} for e in train])
-
-    def text_of(c) -> str:
-        return c if isinstance(c, str) else c[-1]["content"]
-
-    def tags_reward(prompts, completions, answer, **kw):
-        return [_rewards(text_of(c), a)[0] for c, a in zip(completions, answer)]
-
-    def correct_reward(prompts, completions, answer, **kw):
-        return [_rewards(text_of(c), a)[1] for c, a in zip(completions, answer)]
 
     class Clock(TrainerCallback):
         def __init__(self):

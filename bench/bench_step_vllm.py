@@ -55,23 +55,14 @@ def _model_dir(smoke: bool, work: Path) -> Path:
 
 def run_trl(model_dir: Path, steps: int, work: Path) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from bench.bench_step import _examples, _rewards
+    from bench.bench_step import trl_inputs
 
     s = SETTINGS
-    train, _ = _examples(0, 512, 0)
-    data = Dataset.from_list([{"prompt": e.messages, "answer": e.answer} for e in train])
-    text_of = lambda c: c if isinstance(c, str) else c[-1]["content"]  # noqa: E731
-
-    def tags_reward(prompts, completions, answer, **kw):
-        return [_rewards(text_of(c), a)[0] for c, a in zip(completions, answer)]
-
-    def correct_reward(prompts, completions, answer, **kw):
-        return [_rewards(text_of(c), a)[1] for c, a in zip(completions, answer)]
+    data, (tags_reward, correct_reward), _, _ = trl_inputs("compare", 0, 512, 0)
 
     class Clock(TrainerCallback):
         def __init__(self):
