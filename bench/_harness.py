@@ -697,6 +697,18 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow({k: r[k] for k in COLUMNS})
 
 
+def finish_script(op: str, device: str, smoke: bool, out_dir: str | Path, rows: list[dict[str, Any]],
+                  failures: list[str]) -> int:  # fmt: skip
+    """The end of a benchmark script with its own ``main`` (the convention in bench/README.md): its rows into
+    ``<out_dir>/<op>_<device>[_smoke].csv``, where they went, each failure; the exit status (1 on a failure)."""
+    out = Path(out_dir) / (f"{op}_{device}" + ("_smoke" if smoke else "") + ".csv")
+    write_csv(out, rows)
+    print(f"\nwrote {out} ({len(rows)} rows) on {env_columns(device)['device']}")
+    for f in failures:
+        print(f"  !! {f}")
+    return 1 if failures else 0
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

@@ -39,7 +39,6 @@ import gc
 import math
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -399,12 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{sec} on {name}: outputs did not match; timings not taken")
         del model
         gc.collect()
-    out = Path(args.out) / (f"{OP}_{args.device}" + ("_smoke" if args.smoke else "") + ".csv")
-    H.write_csv(out, rows)
-    print(f"\nwrote {out} ({len(rows)} rows) on {H.env_columns(args.device)['device']}")
-    for f in failures:
-        print(f"  !! {f}")
-    return 1 if failures else 0
+    return H.finish_script(OP, args.device, args.smoke, args.out, rows, failures)
 
 
 if __name__ == "__main__":

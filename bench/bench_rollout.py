@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -241,15 +240,10 @@ def _run(args: argparse.Namespace) -> int:
                 rows.append(_row(impl, "speedup", "x", case, speedup, args.device))
                 table.append(f"| {plen} | {n} | {impl} | {q[0]:.2f} | {tokens / q[0]:.1f} | {speedup:.2f}x | "
                              f"{mb:.0f} |")  # fmt: skip
-    out = Path(args.out) / (f"{OP}_{args.device}" + ("_smoke" if args.smoke else "") + ".csv")
-    H.write_csv(out, rows)
     print("\n| P | N | implementation | time (s) | tokens/s | speedup | extra peak MB |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(table))
-    print(f"\nwrote {out} ({len(rows)} rows) on {env['device']}")
-    for f in failures:
-        print(f"  !! {f}")
-    return 1 if failures else 0
+    return H.finish_script(OP, args.device, args.smoke, args.out, rows, failures)
 
 
 if __name__ == "__main__":
