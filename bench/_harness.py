@@ -171,7 +171,8 @@ def git_sha() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -181,11 +182,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_bf16() -> str:
+    """The CPU's native bf16 support: ``"AMX-BF16"``, ``"AVX512-BF16"`` or ``""`` (none, or unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return "AMX-BF16" if "amx_bf16" in flags else ("AVX512-BF16" if "avx512_bf16" in flags else "")
+
+
 def env_columns(device: str) -> dict[str, str]:
     if device == "cuda":
         dev = f"cuda: {torch.cuda.get_device_name()}"
     else:
-        dev = f"cpu: {_cpu_model()} ({torch.get_num_threads()} threads)"
+        dev = f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
     return {"device": dev, **_versions()}
 
 

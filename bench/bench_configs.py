@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import time
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from bench import _harness as H
 from fastgrpo.config import Config, config_to_dict, load_config
 from fastgrpo.models import tiny_counterpart
 from fastgrpo.observability import read_metrics, reward_summary
@@ -195,14 +195,8 @@ def table(rows: list[dict[str, Any]], order: list[str], staged: frozenset[str] =
 
 def machine(rows: list[dict[str, Any]]) -> str:
     """CPU model, cores, bf16 support, torch threads and the load average seen at the start and end of the runs."""
-    model = platform.processor() or "?"
-    flags = ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
-        flags = ", AMX-BF16" if "amx_bf16" in info else (", AVX512-BF16" if "avx512_bf16" in info else "")
-    except (OSError, StopIteration):
-        pass
+    model, bf16 = H.cpu_model(), H.cpu_bf16()
+    flags = f", {bf16}" if bf16 else ""
     loads = [x for r in rows for x in r["load"]]
     load = f"load average {min(loads):.1f}–{max(loads):.1f} during the runs" if loads else ""
     return f"{model}{flags}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {load}"

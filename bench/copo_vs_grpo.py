@@ -27,12 +27,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import time
 from pathlib import Path
 
+from bench import _harness as H
 from fastgrpo.config import load_config
 from fastgrpo.trainer import train
 
@@ -125,16 +125,7 @@ def table(rows: list[dict], modes: list[str]) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
+    return f"{H.cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
 
 
 def main(argv: list[str] | None = None) -> int:

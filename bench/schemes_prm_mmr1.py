@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,16 +30,13 @@ from pathlib import Path
 
 import torch
 
+from bench import _harness as H
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _machine() -> dict:
-    model = platform.processor() or "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": H.cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_avg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
 
 
