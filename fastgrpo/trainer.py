@@ -196,6 +196,7 @@ class Trainer:
 
         # -- the engine: wrapped policy, optimizer, schedule; vLLM rollouts ---------------------------------
         self.rt = rt = Runtime(cfg, accel, self.model, self._build_optimizer)
+        # the runtime's objects under the trainer's public names (callbacks and tests read them); not copies
         self.policy, self.optimizer, self.scheduler, self.params = (
             rt.policy,
             rt.optimizer,
